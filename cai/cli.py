@@ -1,0 +1,43 @@
+"""The ``cai`` command: one sub-command per stage of the method.
+
+Each stage module owns its flags through a ``register(subparsers)`` function that adds its
+sub-parser and sets ``func``; this file only assembles them, so ``cai --help`` lists every
+stage and ``cai STAGE --help`` documents its flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cai import generate_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description="Constitutional AI end to end on one shared in-process model.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    generate_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: everything written so far is kept; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except InputError as exc:
+        print(f"cai {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""cai-engine: Constitutional AI end to end in one process, on one shared model."""
+from setuptools import setup
+
+setup(
+    name="cai-engine",
+    version="0.1.0",
+    description="A fast in-process engine for Constitutional AI: generation, self-critique, "
+    "AI preference labelling, reward scoring and PPO/DPO on one shared model.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["engine", "kernels", "cai"],
+    package_data={"cai": ["../constitutions/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch==2.13.0",
+        "transformers>=5.0",
+        "tokenizers",
+        "safetensors",
+        "gguf",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "nvtx",
+        "matplotlib",
+    ],
+    extras_require={
+        # Tests, benchmarks and the peers the benchmarks measure against.
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "triton",
+            "peft",
+            "accelerate",
+            "datasets",
+            "trl==1.12.0",
+        ],
+        # GPU-only fast paths; never imported unconditionally.
+        "gpu": ["triton", "flash-attn", "vllm"],
+    },
+    entry_points={"console_scripts": ["cai = cai.cli:main"]},
+)
