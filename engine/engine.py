@@ -1,0 +1,82 @@
+"""The engine: one model in one process, serving every role of the method.
+
+``Engine.load(...)`` reads a model once; ``generate`` samples from it with continuous
+batching; later layers add scoring, adapters and training steps on the same weights.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from engine import loader
+from engine.errors import InputError
+from engine.generate import Generator, RequestOutput
+from engine.model import Decoder
+from engine.sampling import SamplingParams
+
+Prompt = Union[str, Sequence[dict], Sequence[int]]
+
+
+class Engine:
+    """A loaded model and its tokenizer.
+
+    Attributes: ``model`` (the Decoder), ``tokenizer``, ``source`` (where it was loaded from).
+    """
+
+    def __init__(self, model: Decoder, tokenizer, source: str = "", max_slots: int = 32):
+        self.model, self.tokenizer, self.source = model, tokenizer, str(source)
+        self.max_slots = max_slots
+
+    @classmethod
+    def load(cls, model: str = "default", *, dtype: torch.dtype = torch.float32, max_slots: int = 32) -> "Engine":
+        """Load ``default`` (the embedded SmolLM2-135M-Instruct), a checkpoint folder or a GGUF file."""
+        decoder, tokenizer, source = loader.load(model, dtype)
+        return cls(decoder, tokenizer, source, max_slots)
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
+        """A prompt as token ids: raw text, a chat message list (through the tokenizer's chat
+        template, with the assistant turn opened) or token ids as they are."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.chat_ids(list(prompt))
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise InputError(f"prompt {index}: expected a string, a list of chat messages or token ids")
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(f"{self.source}: this tokenizer has no chat template; pass raw text prompts")
+        for k, m in enumerate(messages):
+            if "role" not in m or "content" not in m:
+                raise InputError(f"message {k}: needs 'role' and 'content'")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        progress: bool = False,
+        max_slots: int | None = None,
+    ) -> list[RequestOutput]:
+        """Sample continuations for every prompt; one RequestOutput per prompt, in order."""
+        params = params or SamplingParams()
+        ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
+        try:
+            return gen.run(ids, params, bar)
+        finally:
+            if bar is not None:
+                bar.close()

@@ -1,0 +1,193 @@
+"""Continuous-batching generation over a preallocated, slotted KV cache.
+
+The loop alternates two kinds of forward:
+
+- prefill: newly admitted prompts, packed end to end (no padding), write their keys and
+  values into one slot each; a prompt asking for ``n`` samples is prefilled once and its
+  cache copied into the other ``n - 1`` slots;
+- decode: one token for every active slot in one forward.
+
+Active slots are kept compact (``0..B-1``): when a sample finishes, the last active slot's
+cache moves into the hole, so a decode step never reads an idle slot and never gathers.
+A finished slot is refilled from the queue before the next step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import InputError
+from engine.model import Decode, Decoder, KVCache, Packed, packed_metadata
+from engine.sampling import SamplingParams, choose_tokens, sample_generator
+
+
+@dataclass
+class Sample:
+    """One generated continuation.
+
+    token_ids [L] include the token that ended it (EOS or the end of a stop string);
+    logprobs [L] are the log-probs of those tokens under the temperature-scaled model;
+    text is decoded without special tokens and cut before the first stop string.
+    finish_reason: "stop" (EOS or a stop string) or "length".
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    """All samples drawn for one prompt."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+
+@dataclass
+class _Slot:
+    req: int
+    sample: int
+    length: int  # tokens in the cache
+    pending: int  # sampled, not yet in the cache
+    tokens: list[int]
+    logprobs: list[float]
+    gen: torch.Generator | None
+
+
+class Generator:
+    """Runs a batch of prompts through the model with continuous batching.
+
+    max_slots bounds concurrent samples (and KV cache memory); max_prefill_tokens bounds
+    how many prompt tokens one prefill forward packs together.
+    """
+
+    def __init__(self, model: Decoder, tokenizer, max_slots: int = 32, max_prefill_tokens: int = 4096):
+        self.model, self.tok = model, tokenizer
+        self.max_slots, self.max_prefill_tokens = max_slots, max_prefill_tokens
+        eos = set(model.cfg.eos_token_id)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos = eos
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[RequestOutput]:
+        params.validate()
+        if not prompts:
+            return []
+        ctx_limit = self.model.cfg.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InputError(f"prompt {i} is empty")
+            if len(p) >= ctx_limit:
+                raise InputError(f"prompt {i} has {len(p)} tokens; the model's context is {ctx_limit}")
+        n = params.n
+        if n > self.max_slots:
+            raise InputError(f"n={n} samples per prompt exceeds max_slots={self.max_slots}")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        max_len = min(ctx_limit, max(map(len, prompts)) + params.max_new_tokens)
+        slots_needed = min(self.max_slots, n * len(prompts))
+        self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype)
+        self.params, self.seed = params, seed
+        self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
+        self.progress = progress
+        queue, active = deque(range(len(prompts))), []
+        self._stop_window = max((len(s) for s in params.stop), default=0) + 8
+        while queue or active:
+            self._admit(queue, active, prompts)
+            self._decode(active)
+        self.cache = None
+        return self.outputs
+
+    def _admit(self, queue: deque, active: list[_Slot], prompts) -> None:
+        n, free = self.params.n, self.cache.num_slots - len(active)
+        batch, budget = [], self.max_prefill_tokens
+        while queue and free >= n and (not batch or len(prompts[queue[0]]) <= budget):
+            i = queue.popleft()
+            batch.append(i)
+            free -= n
+            budget -= len(prompts[i])
+        if not batch:
+            return
+        lengths = [len(prompts[i]) for i in batch]
+        first_slot = [len(active) + j * n for j in range(len(batch))]
+        tokens = torch.tensor([t for i in batch for t in prompts[i]], dtype=torch.long)
+        positions, cu, max_seqlen = packed_metadata(lengths)
+        slot_of = torch.repeat_interleave(torch.tensor(first_slot), torch.tensor(lengths))
+        ctx = Packed(cu, max_seqlen, self.cache, slot_of)
+        hidden = self.model(tokens, positions, ctx)  # [T, H]
+        last = hidden[cu[1:].long() - 1]  # [P, H]
+        logits = self.model.logits(last).repeat_interleave(n, dim=0)  # [P*n, V]
+        new = []
+        for j, i in enumerate(batch):
+            for s in range(n):
+                if s:
+                    self.cache.copy_slot(first_slot[j], first_slot[j] + s, lengths[j])
+                gen = None if self.params.greedy else sample_generator(self.seed, i, s)
+                new.append(_Slot(i, s, lengths[j], -1, [], [], gen))
+        self._advance(new, logits)
+        active.extend(new)
+        self._retire(active)
+
+    def _decode(self, active: list[_Slot]) -> None:
+        if not active:
+            return
+        tokens = torch.tensor([s.pending for s in active], dtype=torch.long)
+        positions = torch.tensor([s.length for s in active], dtype=torch.long)
+        lengths = (positions + 1).to(torch.int32)
+        ctx = Decode(self.cache, lengths, max(s.length for s in active) + 1)
+        hidden = self.model(tokens, positions, ctx)  # [B, H]
+        for s in active:
+            s.length += 1
+        self._advance(active, self.model.logits(hidden))
+        self._retire(active)
+
+    def _advance(self, slots: list[_Slot], logits: torch.Tensor) -> None:
+        """Choose each slot's next token from its logits row [B, V]."""
+        tokens, logprobs = choose_tokens(logits, self.params, [s.gen for s in slots])
+        for s, t, lp in zip(slots, tokens.tolist(), logprobs.tolist()):
+            s.pending = t
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+
+    def _retire(self, active: list[_Slot]) -> None:
+        """Finish samples that hit EOS, a stop string or a limit; compact the slots."""
+        j = 0
+        while j < len(active):
+            s = active[j]
+            reason = self._finished(s)
+            if reason is None:
+                j += 1
+                continue
+            self._emit(s, reason)
+            last = active.pop()
+            if last is not s:
+                self.cache.copy_slot(len(active), j, last.length)
+                active[j] = last
+
+    def _finished(self, s: _Slot) -> str | None:
+        p = self.params
+        if not p.ignore_eos and s.pending in self.eos:
+            return "stop"
+        if p.stop and any(x in self.tok.decode(s.tokens[-self._stop_window :]) for x in p.stop):
+            return "stop"
+        if len(s.tokens) >= p.max_new_tokens or s.length >= self.cache.max_len:
+            return "length"
+        return None
+
+    def _emit(self, s: _Slot, reason: str) -> None:
+        text = self.tok.decode(s.tokens, skip_special_tokens=True)
+        cut = [text.find(x) for x in self.params.stop if x in text]
+        if cut:
+            text = text[: min(cut)]
+        self.outputs[s.req].samples[s.sample] = Sample(text, s.tokens, s.logprobs, reason)
+        if self.progress is not None:
+            self.progress.update(1)

@@ -1,0 +1,96 @@
+"""Sampling settings and the per-step token choice.
+
+The log-prob returned for each sampled token is taken under the temperature-scaled model
+distribution *before* top-k / top-p truncation: that is the quantity PPO recomputes at
+train time (``log_softmax(logits / T)``), so rollouts and updates agree. Greedy decoding
+returns the plain ``log_softmax(logits)`` value.
+
+Seeding is per sample: sample j of prompt i draws from its own generator seeded from
+``(seed, i, j)``, so a prompt's samples do not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. Defaults suit the paper's sampling (temperature 1, no truncation)."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most per sample (EOS and stop strings may end it sooner)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p; 1 is off."""
+    n: int = 1
+    """Samples per prompt. The prompt is prefilled once and its cache shared by its samples."""
+    seed: int | None = None
+    """Same seed, same output. None draws a fresh seed."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample; the returned text stops before the first one."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks use it so every row makes max_new_tokens)."""
+
+    def validate(self) -> "SamplingParams":
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise InputError(f"need top_k >= 0 and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
+        if self.n < 1:
+            raise InputError(f"n must be >= 1, got {self.n}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_generator(seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + prompt_index * 9_176 + sample_index) % (2**63 - 1))
+    return g
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B] int64, log-probs [B] of those tokens)."""
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        return tokens, _logprob_of(logits, tokens)
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits
+    filtered = _truncate(scaled.clone(), params.top_k, params.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    return tokens, _logprob_of(scaled, tokens)
+
+
+def _logprob_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    picked = logits.gather(-1, tokens[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (in place) everything outside the top-k and the top-p nucleus."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach p; the top one always stays
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits.masked_fill_(drop, float("-inf"))
+    return logits
