@@ -14,6 +14,7 @@ from engine.errors import InputError
 
 def build_parser() -> argparse.ArgumentParser:
     from cai import generate_cmd
+    from cai import constitution_cmd
 
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     generate_cmd.register(sub)
+    constitution_cmd.register(sub)
     return parser
 
 
