@@ -191,6 +191,8 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
         tokenizer.save_pretrained(str(tmp))
+        if getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
