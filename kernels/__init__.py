@@ -1,0 +1,21 @@
+"""The hot ops: log-prob, KL / PPO loss, preference scoring, packed attention.
+
+Each op resolves its implementation once (`backend(op)`): "triton" with CUDA and Triton,
+else "torch" (the CPU path); `CAI_KERNELS=triton|torch|reference` overrides at import and
+`override(impl)` within a block. Each op module also exposes `<op>_triton`, `<op>_torch`
+and `<op>_reference` with the public signature, to call one implementation directly.
+"""
+from ._dispatch import IMPLS, OPS, backend, override
+from .attention import decode_attention, packed_attention
+from .logprob import linear_logprob, logprob
+from .ppo import PolicyLossOutput, ValueLossOutput, kl_penalty, ppo_policy_loss, ppo_value_loss
+from .preference import (PairLossOutput, bt_loss, dpo_loss, option_probs,
+                         sum_option_logprobs)
+
+__all__ = [
+    "IMPLS", "OPS", "backend", "override",
+    "logprob", "linear_logprob",
+    "kl_penalty", "ppo_policy_loss", "ppo_value_loss", "PolicyLossOutput", "ValueLossOutput",
+    "option_probs", "sum_option_logprobs", "bt_loss", "dpo_loss", "PairLossOutput",
+    "packed_attention", "decode_attention",
+]

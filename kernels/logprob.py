@@ -1,0 +1,385 @@
+"""Per-token log-probabilities (and entropy) of labels under a softmax over the vocabulary.
+
+    lp[i]  = z[i, y_i] - logsumexp_j z[i, j],      z = logits / temperature
+    ent[i] = -sum_j p[i, j] log p[i, j],           p = softmax(z[i])
+
+Two entry points: `logprob` from logits `[N, V]`, and `linear_logprob` from hidden states
+`[N, H]` and the lm_head weight `[V, H]`, which never holds more than a chunk of rows of the
+`[N, V]` logits (its backward recomputes each chunk). Rows whose label is `ignore_index`
+give 0 (log-prob and entropy) and receive no gradient. Labels outside `[0, V)` other than
+`ignore_index` are not checked (checking would sync the device).
+
+Gradients, per row, with g = dL/dlp and h = dL/dent:
+    dL/dz_j = g (1[j = y] - p_j) - h p_j (log p_j + ent),     dL/dlogits = dL/dz / temperature
+
+Minimum traffic (Triton, logits path): forward reads the logits once (N*V*b bytes) and
+writes O(N); backward reads them once more and writes the gradient (2*N*V*b bytes);
+FLOPs ~ 4*N*V forward (scale, max, exp, sum), ~6*N*V backward: memory-bound on any GPU.
+Fused linear: 2*N*V*H FLOPs forward, 6*N*V*H backward (recompute, dhidden, dweight),
+bytes ~ (N*H + V*H) * b per pass plus O(N); the chunk of logits stays in fast memory.
+
+Peers: TRL's `selective_log_softmax` gathers then loops logsumexp row by row; its backward
+goes through autograd and allocates `[N, V]` several times. Liger's fused linear cross
+entropy computes gradients inside the forward, which only works for a scalar loss; here the
+output is per token (PPO needs that), so the backward recomputes the logits instead.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import backend
+from ._triton import check_launchable, tl, triton
+
+_CHUNK_ELEMS = 1 << 20  # ~4 MB of float32 per chunk of rows for the logits path
+_LINEAR_CHUNK_ELEMS = 1 << 24  # ~64 MB of float32 logits per chunk for the fused linear path
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check(logits_or_hidden: torch.Tensor, labels: torch.Tensor) -> None:
+    assert logits_or_hidden.dim() == 2, f"expected [N, *], got {tuple(logits_or_hidden.shape)}"
+    assert labels.shape == logits_or_hidden.shape[:1], "labels must be [N]"
+    assert labels.dtype == torch.int64, "labels must be int64"
+
+
+def _finish(lp, ent, return_entropy):
+    return (lp, ent) if return_entropy else lp
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels: one program per row, a loop over the vocabulary in BLOCK_V tiles with an
+# online max / sum-exp, so a row never has to fit in registers.
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _logprob_fwd_kernel(
+    z_ptr,  # [N, V] logits, unit column stride
+    labels_ptr,  # [N] int64
+    lp_ptr,  # [N] float32 out
+    lse_ptr,  # [N] float32 out: logsumexp(logits / T), kept for the backward
+    ent_ptr,  # [N] float32 out, written when RETURN_ENTROPY
+    stride_zn,
+    V,
+    inv_temp,
+    ignore_index,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    row_ptr = z_ptr + row * stride_zn
+    m = -float("inf")
+    s = 0.0
+    t = 0.0  # sum_j exp(z_j - m) * z_j, for the entropy
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        inb = offs < V
+        z = tl.load(row_ptr + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s = s * alpha + tl.sum(e, 0)
+        if RETURN_ENTROPY:
+            t = t * alpha + tl.sum(e * tl.where(inb, z, 0.0), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_temp
+    tl.store(lp_ptr + row, tl.where(valid, z_label - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if RETURN_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(valid, lse - t / s, 0.0))
+
+
+@triton.jit
+def _logprob_bwd_kernel(
+    z_ptr,  # [N, V] logits, unit column stride
+    dz_ptr,  # [N, V] out: gradient w.r.t. the logits (may alias z_ptr)
+    labels_ptr,  # [N] int64
+    lse_ptr,  # [N] float32 from the forward
+    ent_ptr,  # [N] float32 from the forward (read when HAS_ENTROPY_GRAD)
+    dlp_ptr,  # [N] float32 upstream gradient of lp
+    dent_ptr,  # [N] float32 upstream gradient of ent (read when HAS_ENTROPY_GRAD)
+    stride_zn,
+    stride_dzn,
+    V,
+    inv_temp,
+    ignore_index,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g = tl.where(valid, tl.load(dlp_ptr + row), 0.0) * inv_temp
+    if HAS_ENTROPY_GRAD:
+        h = tl.where(valid, tl.load(dent_ptr + row), 0.0) * inv_temp
+        ent = tl.load(ent_ptr + row)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        inb = offs < V
+        z = tl.load(z_ptr + row * stride_zn + offs, mask=inb, other=0.0).to(tl.float32) * inv_temp
+        logp = z - lse
+        p = tl.exp(logp)
+        dz = -g * p
+        if HAS_ENTROPY_GRAD:
+            dz -= h * p * (logp + ent)
+        dz += tl.where(offs == label, g, 0.0)
+        tl.store(dz_ptr + row * stride_dzn + offs, dz, mask=inb)
+
+
+def _block_v(V: int) -> int:
+    return min(4096, triton.next_power_of_2(V))
+
+
+def _rows_fwd_triton(z, labels, inv_temp, ignore_index, want_entropy):
+    """Launch the forward kernel on `z` [C, V]; returns (lp, lse, ent or None)."""
+    check_launchable(z)
+    assert z.stride(1) == 1, "logits need a unit column stride"
+    C, V = z.shape
+    lp = torch.empty(C, device=z.device, dtype=torch.float32)
+    lse = torch.empty_like(lp)
+    ent = torch.empty_like(lp) if want_entropy else lp
+    _logprob_fwd_kernel[(C,)](
+        z, labels, lp, lse, ent, z.stride(0), V, inv_temp, ignore_index,
+        RETURN_ENTROPY=want_entropy, BLOCK_V=_block_v(V))
+    return lp, lse, (ent if want_entropy else None)
+
+
+def _rows_bwd_triton(z, dz, labels, lse, ent, dlp, dent, inv_temp, ignore_index):
+    """Write dL/dlogits for the rows of `z` into `dz` (which may be `z` itself)."""
+    C, V = z.shape
+    assert z.stride(1) == 1 and dz.stride(1) == 1
+    has_h = dent is not None
+    _logprob_bwd_kernel[(C,)](
+        z, dz, labels, lse, ent if has_h else lse, dlp, dent if has_h else dlp,
+        z.stride(0), dz.stride(0), V, inv_temp, ignore_index,
+        HAS_ENTROPY_GRAD=has_h, BLOCK_V=_block_v(V))
+
+
+# ------------------------------------------------------------------------------------------
+# Torch rows: the same math on a chunk of rows, using `scratch` [C, V] as working memory.
+# ------------------------------------------------------------------------------------------
+def _rows_fwd_torch(z, labels, inv_temp, ignore_index, want_entropy, scratch, inplace=False):
+    """(lp, lse, ent or None) for the rows of `z` [C, V]. `scratch` receives log p; with
+    `inplace` it may be `z` itself (the fused linear path owns its logits buffer)."""
+    valid = labels != ignore_index
+    safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+    if inv_temp != 1.0:
+        z = z.mul_(inv_temp) if inplace else z * inv_temp
+    z_label = z.gather(1, safe).squeeze(1).float()
+    # One fused pass per row on the CPU; its per-row max / sum / write passes make writing
+    # over the input safe, which the fused linear path relies on (tests cover it).
+    torch._log_softmax(z, 1, False, out=scratch)
+    logp_label = scratch.gather(1, safe).squeeze(1).float()
+    lse = z_label - logp_label
+    lp = logp_label.masked_fill_(~valid, 0.0)
+    ent = None
+    if want_entropy:
+        p = scratch.exp()
+        ent = -torch.bmm(p.unsqueeze(1), scratch.unsqueeze(2)).view(-1).float()
+        ent.masked_fill_(~valid, 0.0)
+    return lp, lse, ent
+
+
+def _rows_bwd_torch(z, dz, labels, lse, ent, dlp, dent, inv_temp, ignore_index):
+    """Write dL/dlogits for the rows of `z` into `dz` (which may be `z` itself)."""
+    valid = labels != ignore_index
+    g = (dlp * inv_temp).masked_fill_(~valid, 0.0).unsqueeze(1)
+    if inv_temp != 1.0:
+        torch.mul(z, inv_temp, out=dz)
+        dz.sub_(lse.unsqueeze(1))
+    else:
+        torch.sub(z, lse.unsqueeze(1), out=dz)  # log p
+    if dent is None:
+        dz.exp_().mul_(g.neg())
+    else:
+        h = (dent * inv_temp).masked_fill_(~valid, 0.0).unsqueeze(1)
+        p = dz.exp()
+        dz.add_(ent.unsqueeze(1)).mul_(h).add_(g).mul_(p).neg_()  # -p (g + h (log p + ent))
+    dz.scatter_add_(1, labels.masked_fill(~valid, 0).unsqueeze(1), g.to(dz.dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# logprob from logits
+# ------------------------------------------------------------------------------------------
+class _LogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, impl):
+        N, V = logits.shape
+        inv_temp = 1.0 / temperature
+        lp = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse, ent = torch.empty_like(lp), torch.empty_like(lp)
+        if impl == "triton":
+            lp, lse, ent = _rows_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy)
+        else:
+            rows = max(1, min(N, _CHUNK_ELEMS // max(V, 1)))
+            scratch = logits.new_empty(rows, V)
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                out = _rows_fwd_torch(logits[s:e], labels[s:e], inv_temp, ignore_index,
+                                      return_entropy, scratch[: e - s])
+                lp[s:e], lse[s:e] = out[0], out[1]
+                if return_entropy:
+                    ent[s:e] = out[2]
+        ctx.save_for_backward(logits, labels, lse, ent if return_entropy else None)
+        ctx.inv_temp, ctx.ignore_index, ctx.impl = inv_temp, ignore_index, impl
+        out_dtype = _out_dtype(logits.dtype)
+        ctx.mark_non_differentiable(labels)
+        lp = lp.to(out_dtype)
+        return (lp, ent.to(out_dtype)) if return_entropy else lp
+
+    @staticmethod
+    def backward(ctx, dlp, dent=None):
+        logits, labels, lse, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        dlp = torch.zeros_like(lse) if dlp is None else dlp.float().contiguous()
+        dent = None if (dent is None or ent is None) else dent.float().contiguous()
+        dlogits = torch.empty_like(logits)
+        args = (ctx.inv_temp, ctx.ignore_index)
+        if ctx.impl == "triton":
+            _rows_bwd_triton(logits, dlogits, labels, lse, ent, dlp, dent, *args)
+        else:
+            N, V = logits.shape
+            rows = max(1, min(N, _CHUNK_ELEMS // max(V, 1)))
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                _rows_bwd_torch(logits[s:e], dlogits[s:e], labels[s:e], lse[s:e],
+                                None if ent is None else ent[s:e], dlp[s:e],
+                                None if dent is None else dent[s:e], *args)
+        return dlogits, None, None, None, None, None
+
+
+def logprob_reference(logits, labels, *, temperature=1.0, ignore_index=-100,
+                      return_entropy=False):
+    """Plain PyTorch: full log_softmax, gather. Allocates [N, V] twice; tests and benchmarks."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    valid = labels != ignore_index
+    lp = logp.gather(1, labels.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1) * valid
+    if not return_entropy:
+        return lp
+    return lp, -(logp.exp() * logp).sum(-1) * valid
+
+
+def _logprob_impl(impl):
+    def run(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+        _check(logits, labels)
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
+        out = _LogProb.apply(logits, labels.contiguous(), float(temperature), int(ignore_index),
+                             bool(return_entropy), impl)
+        return out
+    run.__name__ = f"logprob_{impl}"
+    return run
+
+
+logprob_torch = _logprob_impl("torch")
+logprob_triton = _logprob_impl("triton")
+_LOGPROB = {"torch": logprob_torch, "triton": logprob_triton, "reference": logprob_reference}
+
+
+def logprob(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Log-prob of `labels` [N] (int64) under softmax(`logits` [N, V] / temperature).
+
+    Returns lp [N], or (lp [N], entropy [N]) with `return_entropy`; float32 (float64 for
+    float64 logits). Differentiable w.r.t. logits; no [N, V] temporary in the forward."""
+    return _LOGPROB[backend("logprob")](logits, labels, temperature=temperature,
+                                        ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+# ------------------------------------------------------------------------------------------
+# Fused linear: hidden @ weight.T chunk by chunk; the backward recomputes each chunk.
+# ------------------------------------------------------------------------------------------
+def _chunks(N: int, rows: int):
+    for s in range(0, N, rows):
+        yield s, min(N, s + rows)
+
+
+class _LinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, return_entropy, rows,
+                impl):
+        N, V = hidden.shape[0], weight.shape[0]
+        inv_temp = 1.0 / temperature
+        buf = hidden.new_empty(min(rows, N), V)  # the only [*, V] memory, reused per chunk
+        lp = torch.empty(N, device=hidden.device, dtype=torch.float32)
+        lse, ent = torch.empty_like(lp), torch.empty_like(lp)
+        for s, e in _chunks(N, rows):
+            z = torch.mm(hidden[s:e], weight.t(), out=buf[: e - s])
+            if impl == "triton":
+                out = _rows_fwd_triton(z, labels[s:e], inv_temp, ignore_index, return_entropy)
+            else:
+                out = _rows_fwd_torch(z, labels[s:e], inv_temp, ignore_index, return_entropy,
+                                      scratch=z, inplace=True)
+            lp[s:e], lse[s:e] = out[0], out[1]
+            if return_entropy:
+                ent[s:e] = out[2]
+        ctx.save_for_backward(hidden, weight, labels, lse, ent if return_entropy else None)
+        ctx.args = (inv_temp, ignore_index)
+        ctx.rows, ctx.impl = rows, impl
+        out_dtype = _out_dtype(hidden.dtype)
+        return (lp.to(out_dtype), ent.to(out_dtype)) if return_entropy else lp.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dlp, dent=None):
+        hidden, weight, labels, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if not (need_h or need_w):
+            return (None,) * 8
+        N, V = hidden.shape[0], weight.shape[0]
+        dlp = torch.zeros_like(lse) if dlp is None else dlp.float().contiguous()
+        dent = None if (dent is None or ent is None) else dent.float().contiguous()
+        dhidden = torch.empty_like(hidden) if need_h else None
+        dweight = torch.zeros_like(weight) if need_w else None
+        rows_bwd = _rows_bwd_triton if ctx.impl == "triton" else _rows_bwd_torch
+        buf = hidden.new_empty(min(ctx.rows, N), V)
+        for s, e in _chunks(N, ctx.rows):
+            z = torch.mm(hidden[s:e], weight.t(), out=buf[: e - s])
+            rows_bwd(z, z, labels[s:e], lse[s:e], None if ent is None else ent[s:e], dlp[s:e],
+                     None if dent is None else dent[s:e], *ctx.args)  # z now holds dL/dlogits
+            if need_h:
+                torch.mm(z, weight, out=dhidden[s:e])
+            if need_w:
+                dweight.addmm_(z.t(), hidden[s:e])
+        return dhidden, dweight, None, None, None, None, None, None
+
+
+def linear_logprob_reference(hidden, weight, labels, *, temperature=1.0, ignore_index=-100,
+                             return_entropy=False, chunk_size=None):
+    """Plain PyTorch: materialises the [N, V] logits, then `logprob_reference`."""
+    return logprob_reference(hidden @ weight.t(), labels, temperature=temperature,
+                             ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def _linear_logprob_impl(impl):
+    def run(hidden, weight, labels, *, temperature=1.0, ignore_index=-100,
+            return_entropy=False, chunk_size=None):
+        _check(hidden, labels)
+        assert weight.dim() == 2 and weight.shape[1] == hidden.shape[1], "weight must be [V, H]"
+        assert weight.dtype == hidden.dtype, "hidden and weight must share a dtype"
+        V = weight.shape[0]
+        rows = int(chunk_size) if chunk_size else max(1, _LINEAR_CHUNK_ELEMS // max(V, 1))
+        return _LinearLogProb.apply(hidden.contiguous(), weight, labels.contiguous(),
+                                    float(temperature), int(ignore_index), bool(return_entropy),
+                                    rows, impl)
+    run.__name__ = f"linear_logprob_{impl}"
+    return run
+
+
+linear_logprob_torch = _linear_logprob_impl("torch")
+linear_logprob_triton = _linear_logprob_impl("triton")
+_LINEAR = {"torch": linear_logprob_torch, "triton": linear_logprob_triton,
+           "reference": linear_logprob_reference}
+
+
+def linear_logprob(hidden, weight, labels, *, temperature=1.0, ignore_index=-100,
+                   return_entropy=False, chunk_size=None):
+    """`logprob(hidden @ weight.T, labels, ...)` without ever holding the [N, V] logits.
+
+    hidden [N, H], weight [V, H] (e.g. a tied embedding; if it does not require grad its
+    gradient is skipped), labels [N] int64. `chunk_size` rows of logits are live at a time
+    (default: ~64 MB of them). Gradients flow to hidden and weight."""
+    return _LINEAR[backend("linear_logprob")](
+        hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, chunk_size=chunk_size)
