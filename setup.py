@@ -10,8 +10,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["engine", "kernels", "cai"],
-    package_data={"cai": ["../constitutions/*"]},
-    include_package_data=True,
     install_requires=[
         "torch==2.13.0",
         "transformers>=5.0",

@@ -1,0 +1,91 @@
+"""``cai generate``: completions for a file of prompts, as JSON lines.
+
+Input: JSON lines with ``prompt`` (a string) or ``messages`` (chat messages), or plain text
+on stdin (one prompt per line). A ``prompt`` goes through the chat template when the
+tokenizer has one, unless ``--raw``. Output: one JSON line per prompt, in input order,
+with every sample's text, token ids, log-probs and finish reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="sample completions for prompts (JSON lines in, JSON lines out)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default="-", help="JSON lines file with 'prompt' or 'messages'; '-' reads stdin")
+    p.add_argument("--out", default="-", help="output JSON lines file; '-' writes stdout")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("-n", type=int, default=1, help="samples per prompt (one shared prefill)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-slots", type=int, default=32, help="concurrent sequences (KV cache slots)")
+    p.add_argument("--raw", action="store_true", help="feed 'prompt' strings as raw text, without the chat template")
+    p.set_defaults(func=run)
+
+
+def read_prompt_records(path: str, raw: bool) -> list:
+    """JSON lines (or plain lines from stdin) -> prompts for Engine.generate."""
+    stream = sys.stdin if path == "-" else _open(path)
+    name = "<stdin>" if path == "-" else path
+    prompts = []
+    for lineno, line in enumerate(stream, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("{"):
+            if path != "-":
+                raise InputError(f"{name}:{lineno}: expected a JSON object")
+            prompts.append(line if raw else [{"role": "user", "content": line}])
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{name}:{lineno}: not valid JSON: {exc.msg}") from exc
+        if isinstance(rec.get("messages"), list):
+            prompts.append(rec["messages"])
+        elif isinstance(rec.get("prompt"), str):
+            prompts.append(rec["prompt"] if raw else [{"role": "user", "content": rec["prompt"]}])
+        else:
+            raise InputError(f"{name}:{lineno}: needs a 'prompt' string or a 'messages' list")
+    if not prompts:
+        raise InputError(f"{name}: no prompts")
+    return prompts
+
+
+def _open(path: str):
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: no such file")
+    return p.open(encoding="utf-8")
+
+
+def run(args) -> int:
+    from engine import Engine, SamplingParams
+
+    prompts = read_prompt_records(args.prompts, args.raw)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, n=args.n, seed=args.seed, stop=args.stop).validate()
+    eng = Engine.load(args.model, max_slots=args.max_slots)
+    if not eng.tokenizer.chat_template:
+        prompts = [p[-1]["content"] if isinstance(p, list) and len(p) == 1 else p for p in prompts]
+    outs = eng.generate(prompts, params, progress=True)
+    sink = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    try:
+        for prompt, out in zip(prompts, outs):
+            rec = {"prompt": prompt, "samples": [s.__dict__ for s in out.samples]}
+            rec["text"] = out.text
+            sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    return 0
