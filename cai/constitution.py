@@ -162,7 +162,7 @@ class Check:
                           f"got {turn['role']!r}")
             out.append({"role": want, "content": self.text(turn["content"], at, "content")})
         if out[-1]["role"] != last:
-            self.fail(where, f"{key!r} must end with a {last!r} turn")
+            self.fail(where, f"{key!r} must end with a turn of role {last!r}")
         return out
 
     def unique_ids(self, entries: list, section: str) -> None:

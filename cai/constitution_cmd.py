@@ -45,7 +45,8 @@ def _validate(args: argparse.Namespace) -> int:
 def summary(c: Constitution, width: int = 96) -> str:
     """A readable listing: every pair and principle by id, one line each."""
     def line(ident: str, text: str) -> str:
-        return textwrap.shorten(f"  {ident:<24} {text}", width=width, placeholder=" ...")
+        # shorten() collapses whitespace, so the padded id column is added after it
+        return f"  {ident:<24} " + textwrap.shorten(text, width=width - 27, placeholder=" ...")
 
     out = [f"constitution {c.name or '(unnamed)'} from {c.source}"]
     out.append(f"critique/revision pairs: {len(c.critique_revision)}")

@@ -75,8 +75,8 @@ def _conversation(turns: list[tuple[str, str]], last: str) -> list[Message]:
             raise ValueError(f"turn {i} ({label}) is empty")
         messages.append({"role": "user" if want == "Human" else "assistant", "content": body})
     if messages[-1]["role"] != last:
-        label = "Human" if last == "user" else "Assistant"
-        raise ValueError(f"the conversation must end with a {label} turn")
+        label = "a Human" if last == "user" else "an Assistant"
+        raise ValueError(f"the conversation must end with {label} turn")
     return messages
 
 

@@ -58,7 +58,8 @@ def test_small_yaml_round_trip():
 def test_open_recipe_json():
     c = load_constitution(FIX / "open_recipe.json")
     assert [p.id for p in c.critique_revision] == ["critic0", "critic1"]
-    assert c.critique_revision[1].revision == "Rewrite the answer to be polite and fair to everyone."
+    assert c.critique_revision[1].revision == \
+        "Rewrite the answer to be polite and fair to everyone."
     assert c.principles == [] and c.fewshot_preference == []
     first, second = c.fewshot_critique_revision
     assert first.conversation == [
@@ -151,7 +152,7 @@ def _mutated(fn):
      r"fewshot_critique_revision\[0\] \(id 'ex1'\): 'pair' 'nope' is not a critique_revision"),
     (lambda d: d["fewshot_critique_revision"][0].update(kind="bad"), r"'kind' must be"),
     (lambda d: d["fewshot_critique_revision"][0]["conversation"].pop(),
-     r"'conversation' must end with a 'assistant' turn"),
+     r"'conversation' must end with a turn of role 'assistant'"),
     (lambda d: d["fewshot_critique_revision"][0]["conversation"][0].update(role="assistant"),
      r"conversation\[0\]: role must be 'user'"),
     (lambda d: d["fewshot_preference"][0].update(answer="C"), r"'answer' must be 'A' or 'B'"),
@@ -193,7 +194,8 @@ def _open_recipe():
     (lambda d: d.update(constitutions=[]), r"top level: 'constitutions' is an empty list"),
     (lambda d: d.update(system_chat=[]), r"top level: 'system_chat' is an empty list"),
     (lambda d: d.update(version=2), r"top level: unknown field 'version'"),
-    (lambda d: d["system_chat"][0].pop(), r"system_chat\[0\]: 'transcript' must end with"),
+    (lambda d: d["system_chat"][0].pop(),
+     r"system_chat\[0\]: 'transcript' must end with a turn of role 'assistant'"),
     (lambda d: d["system_chat"][1].__delitem__(slice(0, 2)),
      r"system_chat\[1\]: needs a conversation and then four turns"),
     (lambda d: d["system_chat"][0][2].update(role="system"), r"system_chat\[0\]: transcript\[2\]"),
@@ -231,7 +233,7 @@ def _paper_copy(tmp_path):
      r"CritiqueRevisionFewShotPrompts\.json: \[0\]: missing 'RevisionRequest:'"),
     ("CritiqueRevisionFewShotPrompts.json",
      ["Human: hi\n\nCritiqueRequest: r\n\nCritique: c\n\nRevisionRequest: q\n\nRevision: v"],
-     r"\[0\]: the conversation must end with a Assistant turn"),
+     r"\[0\]: the conversation must end with an Assistant turn"),
     ("CritiqueRevisionFewShotPrompts.json", ["preamble Human: hi"], r"\[0\]: text before"),
     ("RLMadisonFewShotPrompts.json", [{"prompt": "Human: hi\n\nAssistant:", "corrects": ["a"]}],
      r"RLMadisonFewShotPrompts\.json: \[0\]: missing 'incorrects'"),
