@@ -143,6 +143,9 @@ def feedback_prompt(conversation: str | Sequence[Message], response_a: str, resp
     _check_style(style)
     text = principle.text if isinstance(principle, Principle) else principle
     conv = as_conversation(conversation)
+    if not conv or conv[-1]["role"] != "user":
+        raise ValueError("feedback conversation must end with the human turn both "
+                         "responses answer")
     shots = _take([s for s in fewshot if s.reasoning or not cot], style, max_fewshot)
     cue = COT_CUE if cot else ANSWER_CUE
     turns = []  # (question, worked answer) per exemplar

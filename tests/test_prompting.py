@@ -103,6 +103,8 @@ def test_chat_feedback_prefills_the_answer_cue():
     assert got[2]["content"].startswith("Consider the following conversation")
     assert got[2]["content"].endswith("(A) a\n(B) b")
     assert got[-1] == {"role": "assistant", "content": "The answer is:"}
+    with pytest.raises(ValueError, match="must end with the human turn"):
+        P.feedback_prompt(CONV, "a", "b", "Which is safer?", "chat")
 
 
 def test_cot_feedback_and_answer_prompt():
