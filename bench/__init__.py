@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks and profiling harnesses: python -m bench.<name>."""
