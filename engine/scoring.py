@@ -1,0 +1,80 @@
+"""Log-probs of given tokens, and scalar heads, over packed batches.
+
+Every score starts from the decoder's final hidden states ``[T, H]``; the vocabulary
+projection is fused into the log-prob kernel (``kernels.linear_logprob``), which never holds
+the ``[T, V]`` logits, and only rows with a label reach it (prompt tokens cost no lm_head
+matmul at all). Callers that also need a scalar head (PPO's value head, the preference
+model's reward head) run ``hidden_states`` once and pass the hidden states to both.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import kernels
+from engine.batch import IGNORE, PackedBatch
+from engine.model import Decoder
+
+
+def hidden_states(model: Decoder, batch: PackedBatch) -> torch.Tensor:
+    """Final (normed) hidden states [T, H] of a packed batch, with the active adapter."""
+    return model(batch.tokens, batch.positions, batch.context())
+
+
+def token_logprobs(
+    model: Decoder,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    hidden: torch.Tensor | None = None,
+):
+    """log p(labels[t] | tokens[..t]) per token [T] (0 where the label is IGNORE); with
+    ``return_entropy`` also the entropy of each of those rows' distributions [T] (0 elsewhere).
+    Differentiable with respect to the trainable weights."""
+    hidden = hidden_states(model, batch) if hidden is None else hidden
+    rows = batch.target_rows
+    out = kernels.linear_logprob(
+        hidden.index_select(0, rows), model.lm_head_weight, batch.labels.index_select(0, rows),
+        temperature=temperature, ignore_index=IGNORE, return_entropy=return_entropy,
+    )
+    scatter = lambda v: hidden.new_zeros(batch.num_tokens).index_copy(0, rows, v)  # noqa: E731
+    return tuple(scatter(v) for v in out) if return_entropy else scatter(out)
+
+
+def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """values [T] -> per-sequence sums [B] over the spans of ``cu_seqlens`` [B+1]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=values.device), lengths,
+                                  output_size=values.shape[0])
+    return values.new_zeros(lengths.shape[0]).index_add(0, seq, values)
+
+
+def sequence_logprobs(model: Decoder, batch: PackedBatch, temperature: float = 1.0, *,
+                      token_lp: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the label log-probs of each sequence [B] (only loss-masked tokens count)."""
+    lp = token_logprobs(model, batch, temperature) if token_lp is None else token_lp
+    return segment_sum(lp, batch.cu_seqlens)
+
+
+class ScalarHead(nn.Module):
+    """A linear map from the hidden state to one number: a value head reads every token
+    (``forward``), a reward head the last token of each sequence (``last_token``).
+
+    Initialised with small weights (std 1/sqrt(H+1), as TRL's value head) and zero bias, so
+    the first scores are near zero and do not swamp the KL term.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> one score per token [T]."""
+        return self.proj(hidden).squeeze(-1)
+
+    def last_token(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], cu_seqlens [B+1] -> the score of each sequence's last token [B]."""
+        return self.forward(hidden.index_select(0, (cu_seqlens[1:] - 1).long()))
