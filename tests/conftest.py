@@ -68,7 +68,7 @@ def write_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overr
     fam = dict(FAMILIES[family])
     model_type = fam.pop("model_type")
     cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg.update(fam)

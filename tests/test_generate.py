@@ -1,4 +1,6 @@
 """Generation: greedy parity with transformers, batching invariance, sampling, stops, n."""
+import functools
+
 import pytest
 import torch
 
@@ -17,11 +19,15 @@ PROMPTS = [chat("How do I bake bread?"), chat("Which response is less harmful?")
            "Human: hello", chat("Options (A) (B)"), chat("0123456789")]
 
 
-def hf_greedy(folder, ids: list[int], n: int, eos_id=None) -> list[int]:
+@functools.lru_cache(maxsize=2)
+def hf_model(folder):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos_id,
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def hf_greedy(folder, ids: list[int], n: int, eos_id=None) -> list[int]:
+    out = hf_model(str(folder)).generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos_id,
                       pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     return out[0, len(ids):].tolist()
 
@@ -116,8 +122,9 @@ def test_bad_inputs(tiny_engine):
     assert tiny_engine.generate([], GREEDY) == []
     with pytest.raises(InputError, match="prompt 1 is empty"):
         tiny_engine.generate(["hi", []], GREEDY)
-    with pytest.raises(InputError, match="prompt 0 has 600 tokens"):
-        tiny_engine.generate([[5] * 600], GREEDY)
+    ctx = tiny_engine.cfg.max_position_embeddings
+    with pytest.raises(InputError, match=f"prompt 0 has {ctx + 10} tokens"):
+        tiny_engine.generate([[5] * (ctx + 10)], GREEDY)
     with pytest.raises(InputError, match="temperature"):
         tiny_engine.generate(["hi"], SamplingParams(temperature=-1))
 
