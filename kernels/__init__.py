@@ -12,6 +12,10 @@ from .ppo import PolicyLossOutput, ValueLossOutput, kl_penalty, ppo_policy_loss,
 from .preference import (PairLossOutput, bt_loss, dpo_loss, option_probs,
                          sum_option_logprobs)
 
+for _op in OPS:  # resolve now, so a bad CAI_KERNELS fails at import rather than mid-run
+    backend(_op)
+del _op
+
 __all__ = [
     "IMPLS", "OPS", "backend", "override",
     "logprob", "linear_logprob",
