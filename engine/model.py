@@ -120,6 +120,36 @@ class Decode:
         return kernels.decode_attention(q, kc[:b], vc[:b], self.lengths, self.max_len, scale)
 
 
+@dataclass
+class Extend:
+    """New tokens appended to cached prefixes: sequence b (``counts[b]`` tokens, packed in
+    order) goes into cache slot ``slots[b]`` after its first ``starts[b]`` positions and
+    attends to that prefix and causally to itself. Scoring options after a shared prompt
+    and prefilling prompts after a shared few-shot prefix use it. Host lists, as the
+    attention loops over sequences on the host anyway."""
+
+    cache: KVCache
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        out, offset = torch.empty_like(q), 0
+        for slot, start, n in zip(self.slots, self.starts, self.counts):
+            end = start + n
+            kc[slot, :, start:end] = k[offset : offset + n].transpose(0, 1)
+            vc[slot, :, start:end] = v[offset : offset + n].transpose(0, 1)
+            qs = q[offset : offset + n].transpose(0, 1)[None]  # [1, Hq, n, D]
+            # bottom-right causal: new token i sees the prefix and new tokens 0..i
+            mask = torch.ones(n, end, dtype=torch.bool).tril_(start)
+            o = F.scaled_dot_product_attention(qs, kc[slot : slot + 1, :, :end], vc[slot : slot + 1, :, :end],
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+            out[offset : offset + n] = o[0].transpose(0, 1)
+            offset += n
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
