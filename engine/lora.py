@@ -54,17 +54,20 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 class LoraConfig:
     """Shape and regularisation of one adapter."""
 
-    # Rank r of each update B @ A. 16 is the common default for 100M-1B models: enough to
-    # learn a style and refusal behaviour, ~1% of the parameters of SmolLM2-135M.
     rank: int = 16
-    # The update is scaled by alpha / rank, so changing the rank keeps the initial step size
-    # comparable; alpha = 2 * rank is the usual choice.
+    """Rank r of each update B @ A. 16 is the common default for 100M-1B models: enough to
+    learn a style and refusal behaviour, ~1% of the parameters of SmolLM2-135M.
+    """
     alpha: float = 32.0
-    # Dropout on the adapter's input during training only (the base path never drops).
+    """The update is scaled by alpha / rank, so changing the rank keeps the initial step size
+    comparable; alpha = 2 * rank is the usual choice.
+    """
     dropout: float = 0.05
-    # Which projections get an update; all seven by default, as QLoRA found attention-only
-    # adapters noticeably weaker.
+    """Dropout on the adapter's input during training only (the base path never drops)."""
     targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    """Which projections get an update; all seven by default, as QLoRA found attention-only
+    adapters noticeably weaker.
+    """
 
     def __post_init__(self):
         self.targets = tuple(self.targets)

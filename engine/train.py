@@ -30,31 +30,36 @@ CKPT_PREFIX = "step-"
 class OptimConfig:
     """AdamW and its schedule. Defaults suit LoRA fine-tuning of a ~100M-1B model."""
 
-    # Peak learning rate. 2e-4 is the usual LoRA rate (full fine-tuning wants ~1e-5-2e-5).
     lr: float = 2e-4
-    # Decoupled weight decay, applied to matrices only (not to biases or norms). LoRA rarely
-    # needs it; 0 keeps a fresh adapter free to move.
+    """Peak learning rate. 2e-4 is the usual LoRA rate (full fine-tuning wants ~1e-5-2e-5)."""
     weight_decay: float = 0.0
-    # Adam's moment decays; 0.999 is stable for the few hundred steps SFT runs.
+    """Decoupled weight decay, applied to matrices only (not to biases or norms). LoRA rarely
+    needs it; 0 keeps a fresh adapter free to move.
+    """
     betas: tuple[float, float] = (0.9, 0.999)
-    # Adam's denominator floor; 1e-8 is the standard value in float32.
+    """Adam's moment decays; 0.999 is stable for the few hundred steps SFT runs."""
     eps: float = 1e-8
-    # Linear warmup from 0 to lr over this many optimizer steps, so the first noisy
-    # gradients of a fresh head or adapter do not take full-size steps.
+    """Adam's denominator floor; 1e-8 is the standard value in float32."""
     warmup_steps: int = 10
-    # Optimizer steps of the whole run: where the cosine reaches min_lr. 0 = set by the
-    # caller from the data (epochs x batches / grad_accum).
+    """Linear warmup from 0 to lr over this many optimizer steps, so the first noisy gradients
+    of a fresh head or adapter do not take full-size steps.
+    """
     total_steps: int = 0
-    # "cosine": decay to min_lr_ratio * lr after warmup; "constant": stay at lr.
+    """Optimizer steps of the whole run: where the cosine reaches min_lr. 0 = set by the caller
+    from the data (epochs x batches / grad_accum).
+    """
     schedule: str = "cosine"
-    # Floor of the cosine as a fraction of lr; 0.1 keeps the last steps learning.
+    """Either "cosine" (decay to min_lr_ratio * lr after warmup) or "constant" (stay at lr)."""
     min_lr_ratio: float = 0.1
-    # Clip the global gradient norm to this (0 = off); 1.0 is the common guard against
-    # a rare outlier batch.
+    """Floor of the cosine as a fraction of lr; 0.1 keeps the last steps learning."""
     max_grad_norm: float = 1.0
-    # Micro-batches whose gradients are summed before one optimizer step: a larger
-    # effective batch without the memory of one.
+    """Clip the global gradient norm to this (0 = off); 1.0 is the common guard against a rare
+    outlier batch.
+    """
     grad_accum: int = 1
+    """Micro-batches whose gradients are summed before one optimizer step: a larger effective
+    batch without the memory of one.
+    """
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

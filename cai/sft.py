@@ -1,0 +1,352 @@
+"""Supervised fine-tuning on the SL-CAI revisions (Bai et al. 2022, section 3).
+
+The paper fine-tunes the pretrained model on the final revisions (plus helpful samples so
+it stays helpful). Here the update goes into the LoRA adapter "sft" on the shared base by
+default (``full=True`` trains the base itself), on packed batches with no padding, with the
+loss on the assistant's tokens only: the token mean of -log p over those tokens, computed by
+the fused log-prob kernel straight from the hidden states.
+
+Deliberate choice: in a multi-turn conversation only the *last* assistant message is a
+target by default (``loss_on="last"``): earlier assistant turns of a red-team conversation
+are the original model's answers, which are exactly what the revisions replace.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engine import lora
+from engine.batch import batches_by_tokens
+from engine.errors import InputError
+from engine.lora import LoraConfig
+from engine.scoring import token_logprobs
+from engine.train import NonFiniteLossError, OptimConfig, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class SFTConfig:
+    """One SFT run. Nested: ``lora`` (adapter shape) and ``optim`` (AdamW and schedule)."""
+
+    epochs: int = 1
+    """Passes over the data; the paper's SL stage is short, one epoch of a few thousand
+    revisions.
+    """
+    max_tokens_per_batch: int = 4096
+    """Token budget of one packed micro-batch (whole sequences only, never padded)."""
+    full: bool = False
+    """Train every base weight instead of an adapter (the reference then needs a frozen copy)."""
+    adapter: str = "sft"
+    """Name of the adapter trained (the later stages read "sft")."""
+    loss_on: str = "last"
+    """Which assistant messages are targets: "last" (the final one only) or "all"."""
+    format: str = "auto"
+    """Input format: "chat" (the template), "text" (Human:/Assistant:) or "auto" (chat when
+    the tokenizer has a template)."""
+    shuffle: bool = True
+    """Shuffle the examples each epoch (seeded with seed + epoch, so resuming sees the same
+    order).
+    """
+    seed: int = 0
+    """Seed of the shuffle and of the adapter's initialisation."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run every epoch). The schedule still spans the
+    whole run, so a stopped run resumes onto the same curve.
+    """
+    export_merged: bool = False
+    """Also write DIR/merged/, a transformers checkpoint with the adapter folded in."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if self.loss_on not in ("last", "all") or self.format not in ("auto", "chat", "text"):
+            raise InputError("loss_on must be 'last' or 'all'; format 'auto', 'chat' or 'text'")
+
+
+@dataclass
+class Conversation:
+    """Chat messages ending with the assistant's target answer; ``where`` names its origin."""
+
+    messages: list[dict]
+    where: str = ""
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+def read_sft_file(path: str | Path) -> list[Conversation]:
+    """JSON lines of SL-CAI records (``messages``, or ``init_prompt`` + ``revision_response``)
+    or plain ``{"messages"}`` / ``{"prompt", "response"}`` records -> conversations."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{where}: not valid JSON: {exc.msg}") from exc
+                out.append(Conversation(record_messages(rec, where), where))
+    if not out:
+        raise InputError(f"{path}: no records")
+    return out
+
+
+def record_messages(rec, where: str) -> list[dict]:
+    """One record -> validated messages ending with a non-empty assistant message."""
+    if not isinstance(rec, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    if "messages" in rec:
+        msgs = rec["messages"]
+    elif "init_prompt" in rec and "revision_response" in rec:
+        msgs = [{"role": "user", "content": rec["init_prompt"]}, {"role": "assistant", "content": rec["revision_response"]}]
+    elif "prompt" in rec and "response" in rec:
+        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+    else:
+        raise InputError(f"{where}: needs 'messages', 'init_prompt' + 'revision_response', or 'prompt' + 'response'")
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError(f"{where}: 'messages' must be a non-empty list")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise InputError(f"{where}: message {k} needs a role in {ROLES} and a string content")
+    if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+        raise InputError(f"{where}: the last message must be a non-empty assistant message")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# ---- tokenisation -------------------------------------------------------------------------
+
+def encode(tokenizer, messages: list[dict], *, chat: bool, loss_on: str = "last") -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and the mask of the assistant tokens that are targets."""
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = turns[-1:] if loss_on == "last" else turns
+    return (_encode_chat if chat else _encode_text)(tokenizer, messages, set(turns))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode_chat(tokenizer, messages, turns) -> tuple[list[int], list[bool]]:
+    """Through the chat template. The targets of assistant turn k are the tokens between the
+    template of messages[:k] with the assistant header opened and that of messages[:k+1]
+    (its content and end-of-turn marker), located by common prefix with the full rendering
+    so a template that renders a prefix slightly differently cannot shift the mask."""
+    render = lambda msgs, gen: _ids(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))  # noqa: E731
+    full = render(messages, False)
+    mask = [False] * len(full)
+    for k in turns:
+        start, end = _common(render(messages[:k], True), full), _common(render(messages[: k + 1], False), full)
+        if end <= start:
+            raise InputError("could not locate the assistant's tokens in the chat template's output")
+        mask[start:end] = [True] * (end - start)
+    return full, mask
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_text(tokenizer, messages, turns) -> tuple[list[int], list[bool]]:
+    """A ``Human: ... / Assistant: ...`` transcript (the paper's format, system turns dropped),
+    each piece tokenised on its own so the boundaries are exact; EOS closes the last answer."""
+    names = {"user": "Human", "assistant": "Assistant"}
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS where the tokenizer adds one
+    mask = [False] * len(ids)
+    sep = ""
+    for k, m in enumerate(messages):
+        if m["role"] not in names:
+            continue
+        head = _ids(tokenizer, f"{sep}{names[m['role']]}:")
+        body = _ids(tokenizer, f" {m['content'].strip()}")
+        if k == len(messages) - 1 and tokenizer.eos_token_id is not None:
+            body.append(tokenizer.eos_token_id)
+        ids += head + body
+        mask += [False] * len(head) + [k in turns] * len(body)
+        sep = "\n\n"
+    return ids, mask
+
+
+def use_chat(engine, fmt: str) -> bool:
+    has = bool(getattr(engine.tokenizer, "chat_template", None))
+    if fmt == "chat" and not has:
+        raise InputError(f"{engine.source}: format 'chat' asked, but the tokenizer has no chat template")
+    return has if fmt == "auto" else fmt == "chat"
+
+
+# ---- training -----------------------------------------------------------------------------
+
+def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTConfig, out: str | Path | None = None,
+              *, progress: bool = False, resume: bool = True) -> dict:
+    """Fine-tune ``engine.model`` on the examples; returns summary metrics.
+
+    With ``out``: checkpoints in ``out/checkpoints`` (resumed from when ``resume``), one JSON
+    line per optimizer step in ``out/metrics.jsonl``, and the exports (``adapter/``,
+    ``peft/``, optionally ``merged/``). Leaves the trained adapter in the engine, inactive.
+    """
+    model, out = engine.model, Path(out) if out is not None else None
+    convs = [c if isinstance(c, Conversation) else Conversation(list(c), f"example {i}") for i, c in enumerate(examples)]
+    chat = use_chat(engine, cfg.format)
+    data = [encode(engine.tokenizer, c.messages, chat=chat, loss_on=cfg.loss_on) for c in convs]
+    names = [c.where for c in convs]
+    epoch_batches = lambda e: batches_by_tokens(  # noqa: E731
+        data, cfg.max_tokens_per_batch, cfg.shuffle, cfg.seed + e, max_seqlen=model.cfg.max_position_embeddings, names=names)
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum)
+    optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps_per_epoch * cfg.epochs)
+    previous = lora.active_adapter(model)
+    params = _trainable(engine, cfg)
+    trainer = Trainer(params.values(), optim)
+    start = _resume(out, params, trainer) if resume and out is not None else None
+    if start is None:  # a fresh run: seeded dropout masks; a resumed one restored the RNG state
+        torch.manual_seed(cfg.seed)
+        start = {"epoch": 0, "next_batch": 0}
+        if out is not None:
+            _truncate_metrics(out / "metrics.jsonl", 0)
+    try:
+        return _loop(engine, cfg, trainer, params, epoch_batches, start, out, progress)
+    finally:
+        _restore(engine, cfg, previous)
+
+
+def _trainable(engine, cfg: SFTConfig) -> dict:
+    model = engine.model
+    if cfg.full:
+        lora.set_adapter(model, None)
+        model.requires_grad_(True)
+        return dict(model.named_parameters())
+    if cfg.adapter not in lora.adapters(model):
+        lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed)
+    ad = lora.get_adapter(model, cfg.adapter).train().requires_grad_(True)
+    lora.set_adapter(model, cfg.adapter)
+    return dict(ad.named_parameters())
+
+
+def _restore(engine, cfg: SFTConfig, previous: str | None) -> None:
+    if cfg.full:
+        engine.model.requires_grad_(False)
+    else:
+        lora.get_adapter(engine.model, cfg.adapter).eval().requires_grad_(False)
+    lora.set_adapter(engine.model, previous)
+
+
+def _resume(out: Path, params: dict, trainer: Trainer) -> dict | None:
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        return None
+    try:
+        state = load_checkpoint(ckpt, params, trainer.optimizer)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise InputError(f"{ckpt}: does not match this run's trainable weights ({exc}); "
+                         "start over with --no-resume or another --out") from exc
+    trainer.step = state["step"]
+    _truncate_metrics(out / "metrics.jsonl", trainer.step)
+    return state["meta"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after the checkpoint, so a resumed run never duplicates a step."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _loop(engine, cfg, trainer, params, epoch_batches, start, out, progress) -> dict:
+    model, ga = engine.model, trainer.cfg.grad_accum
+    last = cfg.max_steps or trainer.cfg.total_steps
+    bar = _bar(progress, last, trainer.step)
+    log, ckpt_dir = [], out / "checkpoints" if out is not None else None
+    try:
+        for epoch in range(start["epoch"], cfg.epochs):
+            batches = epoch_batches(epoch)
+            first = start["next_batch"] if epoch == start["epoch"] else 0
+            for bi in range(first, len(batches), ga):
+                if trainer.step >= last:
+                    break
+                rec = _step(model, trainer, batches[bi:bi + ga], epoch, ckpt_dir)
+                log.append(rec)
+                _write_metrics(out, rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
+                if ckpt_dir is not None and (trainer.step % cfg.checkpoint_every == 0 or trainer.step >= last):
+                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer, "meta": nxt},
+                                    keep=cfg.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+    if out is not None:
+        _export(engine, cfg, out)
+    return _summary(log, trainer.step)
+
+
+def _step(model, trainer, group, epoch, ckpt_dir) -> dict:
+    """One optimizer step over a group of micro-batches: token-mean loss over all their targets."""
+    t0 = time.perf_counter()
+    denom = max(1, sum(b.num_targets for b in group))
+    loss = 0.0
+    try:
+        for b in group:
+            lp = token_logprobs(model, b)
+            loss += trainer.backward(-lp.sum() / denom)
+        stats = trainer.apply()
+    except NonFiniteLossError as exc:
+        kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)
+        raise
+    dt = time.perf_counter() - t0
+    tokens = sum(b.num_tokens for b in group)
+    return {"step": trainer.step, "epoch": epoch, "loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+            "tokens": tokens, "target_tokens": denom, "step_s": dt, "tokens_per_s": tokens / dt}
+
+
+def _write_metrics(out: Path | None, rec: dict) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _bar(progress: bool, total: int, done: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="sft", unit="step")
+
+
+def _export(engine, cfg: SFTConfig, out: Path) -> None:
+    model = engine.model
+    if not cfg.full:
+        lora.save_adapter(model, cfg.adapter, out / "adapter")
+        lora.export_peft(model, cfg.adapter, out / "peft", base_model_name_or_path=str(engine.source))
+    if cfg.full or cfg.export_merged:
+        lora.export_merged(model, None if cfg.full else cfg.adapter, out / "merged", engine.tokenizer, engine.source)
+
+
+def _summary(log: list[dict], step: int) -> dict:
+    steps = [r["step_s"] for r in log]
+    return {
+        "steps": step, "losses": [r["loss"] for r in log],
+        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+        "mean_step_s": sum(steps) / len(steps) if steps else None,
+        "tokens_per_s": sum(r["tokens"] for r in log) / sum(steps) if steps else None,
+    }
