@@ -3,8 +3,9 @@
 The loop alternates two kinds of forward:
 
 - prefill: newly admitted prompts, packed end to end (no padding), write their keys and
-  values into one slot each; a prompt asking for ``n`` samples is prefilled once and its
-  cache copied into the other ``n - 1`` slots;
+  values into one slot each (a prefix common to all of them, such as few-shot exemplars,
+  is computed once: ``engine.prefill``); a prompt asking for ``n`` samples is prefilled
+  once and its cache copied into the other ``n - 1`` slots;
 - decode: one token for every active slot in one forward.
 
 Active slots are kept compact (``0..B-1``): when a sample finishes, the last active slot's
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import InputError
-from engine.model import Decode, Decoder, KVCache, Packed, packed_metadata
+from engine.model import Decode, Decoder, KVCache
+from engine.prefill import prefill
 from engine.sampling import SamplingParams, choose_tokens, sample_generator
 
 
@@ -119,12 +121,7 @@ class Generator:
             return
         lengths = [len(prompts[i]) for i in batch]
         first_slot = [len(active) + j * n for j in range(len(batch))]
-        tokens = torch.tensor([t for i in batch for t in prompts[i]], dtype=torch.long)
-        positions, cu, max_seqlen = packed_metadata(lengths)
-        slot_of = torch.repeat_interleave(torch.tensor(first_slot), torch.tensor(lengths))
-        ctx = Packed(cu, max_seqlen, self.cache, slot_of)
-        hidden = self.model(tokens, positions, ctx)  # [T, H]
-        last = hidden[cu[1:].long() - 1]  # [P, H]
+        last = prefill(self.model, self.cache, [prompts[i] for i in batch], first_slot)  # [P, H]
         logits = self.model.logits(last).repeat_interleave(n, dim=0)  # [P*n, V]
         new = []
         for j, i in enumerate(batch):

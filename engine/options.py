@@ -1,7 +1,8 @@
 """Log-probs of a set of options after a shared prompt: the multiple-choice scores of the
 paper's feedback model (" (A)" vs " (B)") and of the labeller evaluation.
 
-Each prompt is prefilled once into a KV-cache slot; every option is then scored as a short
+Each prompt is prefilled once into a KV-cache slot (a prefix shared by all prompts, such
+as the few-shot exemplars, only once: ``engine.prefill``); every option is then scored as a short
 extension of that cached prompt, so a prompt of P tokens with K options of m tokens costs
 P + K (m - 1) token-forwards, not K (P + m). Prompts are packed together (no padding),
 and options of the same index across prompts run in one forward.
@@ -12,7 +13,8 @@ import torch
 
 import kernels
 from engine.errors import InputError
-from engine.model import Decoder, Extend, KVCache, Packed, packed_metadata
+from engine.model import Decoder, Extend, KVCache
+from engine.prefill import prefill
 
 
 @torch.inference_mode()
@@ -50,11 +52,7 @@ def _score_group(model: Decoder, prompts, options) -> list[list[float]]:
     lengths = [len(p) for p in prompts]
     longest = max(len(o) for opts in options for o in opts)
     cache = KVCache(model.cfg, len(prompts), max(lengths) + longest, model.embed.dtype)
-    positions, cu, max_len = packed_metadata(lengths)
-    slots = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
-    tokens = torch.tensor([t for p in prompts for t in p])
-    hidden = model(tokens, positions, Packed(cu, max_len, cache, slots))
-    last = hidden[cu[1:].long() - 1]  # [P, H]: predicts each option's first token
+    last = prefill(model, cache, prompts, list(range(len(prompts))))  # [P, H]: predicts first option tokens
     scores = [[0.0] * len(opts) for opts in options]
     for k in range(max(len(opts) for opts in options)):
         rows = [i for i, opts in enumerate(options) if k < len(opts)]

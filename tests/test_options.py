@@ -27,3 +27,23 @@ def test_option_logprobs_match_full_forwards(tiny_engine):
             assert len(scores) == len(opts)
             for o, s in zip(opts, scores):
                 assert abs(s - full_forward_logprob(model, p, o)) < 1e-4
+
+
+def test_shared_prefix_prefill_matches_packed(tiny_engine):
+    from engine.model import KVCache
+    from engine.prefill import _packed, prefill, shared_prefix_len
+
+    model = tiny_engine.model
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(0, model.cfg.vocab_size, (40,), generator=g).tolist()
+    prompts = [head + torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 9, 30)]
+    assert shared_prefix_len(prompts) == 40
+    assert shared_prefix_len([head, head]) == 39  # each keeps a token of its own
+    with torch.no_grad():
+        c1, c2 = (KVCache(model.cfg, 3, 80) for _ in range(2))
+        a = prefill(model, c1, prompts, [0, 1, 2], min_shared=8)
+        b = _packed(model, c2, prompts, [0, 1, 2])
+    assert torch.allclose(a, b, atol=1e-5)
+    for layer in range(model.cfg.num_hidden_layers):
+        for s, p in enumerate(prompts):
+            assert torch.allclose(c1.k[layer][s, :, : len(p)], c2.k[layer][s, :, : len(p)], atol=1e-5)

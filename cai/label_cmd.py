@@ -1,0 +1,136 @@
+"""``cai label`` (AI preference labels) and ``cai eval-labeler`` (multiple-choice accuracy of
+the feedback model)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.label import LabelConfig
+from engine.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("label", help="AI feedback: sample response pairs and label them under the constitution",
+                       description=label_doc(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", default="redteam", help="'redteam', 'benign', or a JSON lines / CSV / text file")
+    p.add_argument("--split", default="train", help="split of a built-in set ('train', 'heldout', 'all')")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--constitution", default="default", help="'default', a YAML / JSON file, or the paper's folder")
+    p.add_argument("--model", default="default", help="the shared base model")
+    p.add_argument("--policy-adapter", default=None,
+                   help="SFT adapter folder (from `cai sft`) to sample the pairs with; default: the base")
+    p.add_argument("--feedback-model", default=None,
+                   help="another local model to label with (loaded once, same process); default: the base")
+    p.add_argument("--out", required=True, help="output JSON lines (resumed if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    add_dataclass_flags(p, LabelConfig)
+    p.set_defaults(func=run_label)
+
+    e = sub.add_parser("eval-labeler", help="multiple-choice accuracy of the feedback model on a file",
+                       description="Scores records {prompt, corrects, incorrects}: the prompt ends where the "
+                       "answer begins; a record is right when every correct option has a higher log-prob "
+                       "than every incorrect one.")
+    e.add_argument("--file", required=True, help="JSON lines of {prompt, corrects: [str], incorrects: [str]}")
+    e.add_argument("--model", default="default", help="model folder, .gguf file, or 'default'")
+    e.add_argument("--json", action="store_true", help="print per-record results, then one JSON summary line")
+    e.add_argument("--max-batch-tokens", type=int, default=8192, help="prompt tokens per scoring forward")
+    e.set_defaults(func=run_eval_labeler)
+
+
+def label_doc() -> str:
+    import cai.label
+
+    return cai.label.__doc__
+
+
+def load_policy(eng, folder: str | None) -> str | None:
+    """Attach the SFT adapter from ``folder`` as 'sft'; returns the adapter name to sample with."""
+    if folder is None:
+        return None
+    from engine.lora import load_adapter
+
+    load_adapter(eng.model, "sft", folder)
+    return "sft"
+
+
+def run_label(args) -> int:
+    from tqdm import tqdm
+
+    from cai.constitution import load_constitution
+    from cai.label import Labeller
+    from cai.prompts import load_prompts
+    from cai.records import ResumableJsonl
+    from engine import Engine
+
+    cfg = dataclass_from_args(LabelConfig, args)
+    con = load_constitution(args.constitution)
+    builtin = args.prompts in ("redteam", "benign")
+    prompts = load_prompts(args.prompts, split=(None if args.split == "all" else args.split) if builtin else None,
+                           limit=args.limit)
+    eng = Engine.load(args.model, max_slots=cfg.max_slots)
+    feedback = Engine.load(args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
+    labeller = Labeller(eng, con, cfg, load_policy(eng, args.policy_adapter), feedback)
+    meta = {**labeller.meta(), "policy_adapter": args.policy_adapter}
+    with ResumableJsonl(args.out, meta, overwrite=args.overwrite) as out:
+        left = sum(p.id not in out.done for p in prompts)
+        if out.count:
+            print(f"resuming {args.out}: {out.count} labelled, {left} to go")
+        with tqdm(total=left, desc="label", unit="pair") as bar:
+            labeller.run(prompts, out, bar)
+        print(f"wrote {out.count} labelled pairs to {args.out}")
+    return 0
+
+
+def evaluate_labeler(eng, records: list[dict], max_batch_tokens: int = 8192) -> dict:
+    """Accuracy of ``eng`` on multiple-choice records, with per-record scores."""
+    from engine.options import option_logprobs
+
+    tok = eng.tokenizer
+    prompts, options = [], []
+    for r in records:
+        prompts.append(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+        options.append([tok(o, add_special_tokens=False)["input_ids"] for o in r["corrects"] + r["incorrects"]])
+    start = time.perf_counter()
+    scores = option_logprobs(eng.model, prompts, options, max_batch_tokens)
+    seconds = time.perf_counter() - start
+    results, right, comparisons = [], 0, 0
+    for r, s in zip(records, scores):
+        good, bad = s[: len(r["corrects"])], s[len(r["corrects"]) :]
+        ok = min(good) > max(bad)
+        right += ok
+        comparisons += len(good) * len(bad)
+        results.append({"correct": ok, "correct_logprobs": good, "incorrect_logprobs": bad})
+    return {"accuracy": right / len(records), "n": len(records), "comparisons": comparisons,
+            "comparisons_per_s": comparisons / seconds, "seconds": seconds, "results": results}
+
+
+def read_mc_records(path: str) -> list[dict]:
+    from cai.records import read_jsonl
+
+    records = read_jsonl(path, required=("prompt", "corrects", "incorrects"))
+    for i, r in enumerate(records, 1):
+        for k in ("corrects", "incorrects"):
+            if not isinstance(r[k], list) or not r[k] or not all(isinstance(x, str) and x for x in r[k]):
+                raise InputError(f"{path}: record {i}: '{k}' must be a non-empty list of non-empty strings")
+        if not isinstance(r["prompt"], str) or not r["prompt"]:
+            raise InputError(f"{path}: record {i}: 'prompt' must be a non-empty string")
+    return records
+
+
+def run_eval_labeler(args) -> int:
+    from engine import Engine
+
+    records = read_mc_records(args.file)
+    eng = Engine.load(args.model)
+    report = evaluate_labeler(eng, records, args.max_batch_tokens)
+    if args.json:
+        for i, r in enumerate(report["results"]):
+            print(json.dumps({"index": i, **r}))
+    print(f"accuracy {report['accuracy']:.3f} on {report['n']} records; "
+          f"{report['comparisons_per_s']:.1f} comparisons/s")
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("accuracy", "n", "comparisons_per_s")}))
+    return 0
