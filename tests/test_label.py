@@ -1,0 +1,102 @@
+"""AI feedback labels: the ensembling and order-swap math by hand, the CoT clamp, a run on a
+tiny model, and the labeller evaluation on a fixture whose answers are known."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.constitution import Principle, load_constitution
+from cai.label import LabelConfig, Labeller, draw_label_principles
+from cai.label_cmd import evaluate_labeler, read_mc_records
+from cai.prompts import PromptRecord
+from cai.records import ResumableJsonl
+from engine import InputError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def rec(i):
+    return PromptRecord(id=f"x{i}", prompt=f"How do I pick a lock {i}?", messages=None, category="theft",
+                        split="train")
+
+
+def test_ensemble_over_principles_and_orders(tiny_engine):
+    lab = Labeller(tiny_engine, load_constitution("default"), LabelConfig())
+    p1, p2 = Principle("p1", "a"), Principle("p2", "b")
+    jobs = [(0, p1, "ab"), (0, p1, "ba"), (0, p2, "ab"), (0, p2, "ba"),
+            (1, p1, "ab"), (1, p1, "ba")]
+    # rows are (p(A), p(B)); in order "ba" option A shows response 1
+    probs = torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.9, 0.1]])
+    out = lab._records([rec(0), rec(1)], [("r0", "r1"), ("s0", "s1")], jobs, probs)
+    # example 0: p(response 0 better) = mean(0.8, 0.7, 0.6, 0.5) = 0.65
+    assert out[0]["p_first"] == pytest.approx(0.65)
+    assert (out[0]["chosen"], out[0]["rejected"], out[0]["p_chosen"]) == ("r0", "r1", pytest.approx(0.65))
+    # example 1: a labeller that always answers (A) at 0.9 is pure position bias: 0.5
+    assert out[1]["p_first"] == pytest.approx(0.5)
+    assert [s["p_first"] for s in out[0]["scores"]] == pytest.approx([0.8, 0.7, 0.6, 0.5])
+
+
+def test_order_swap_picks_second_response():
+    lab = Labeller.__new__(Labeller)
+    lab.cfg = LabelConfig()
+    p = Principle("p", "x")
+    probs = torch.tensor([[0.2, 0.8], [0.7, 0.3]])  # ab prefers B (= r1); ba prefers A (= r1)
+    out = Labeller._records(lab, [rec(0)], [("r0", "r1")], [(0, p, "ab"), (0, p, "ba")], probs)
+    assert out[0]["chosen"] == "r1" and out[0]["p_chosen"] == pytest.approx(0.75)
+
+
+def test_cot_probabilities_are_clamped(tiny_engine):
+    lab = Labeller(tiny_engine, load_constitution("default"), LabelConfig(cot=True))
+    import kernels
+
+    probs = kernels.option_probs(torch.tensor([[0.0, -5.0], [-0.1, -0.2]]), clamp=(0.4, 0.6))
+    assert probs[0].tolist() == pytest.approx([0.6, 0.4])
+    assert probs[1].tolist() == pytest.approx(torch.softmax(torch.tensor([-0.1, -0.2]), 0).tolist(), abs=1e-6)
+    assert lab.cfg.clamp_low == 0.4 and lab.cfg.clamp_high == 0.6
+
+
+def test_principles_are_distinct_and_seeded():
+    con = load_constitution("default")
+    a = [p.id for p in draw_label_principles(con, 0, "x", 4)]
+    assert len(set(a)) == 4 and a == [p.id for p in draw_label_principles(con, 0, "x", 4)]
+
+
+@pytest.mark.parametrize("cot", [False, True])
+def test_label_run_on_tiny_model_and_resume(tiny_engine, tmp_path, cot):
+    cfg = LabelConfig(max_new_tokens=8, principles_per_pair=2, chunk_size=2, max_fewshot=1, cot=cot)
+    lab = Labeller(tiny_engine, load_constitution("default"), cfg)
+    path = tmp_path / "labels.jsonl"
+    with ResumableJsonl(path, lab.meta()) as out:
+        lab.run([rec(i) for i in range(2)], out)
+    with ResumableJsonl(path, lab.meta()) as out:  # resuming adds only the missing ones
+        lab.run([rec(i) for i in range(3)], out)
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["x0", "x1", "x2"]
+    for r in recs:
+        assert 0.5 <= r["p_chosen"] <= 1.0
+        assert {r["chosen"], r["rejected"]} == set(r["responses"]) or r["chosen"] == r["rejected"]
+        assert len(r["scores"]) == 4 and {s["order"] for s in r["scores"]} == {"ab", "ba"}
+        for s in r["scores"]:
+            assert s["p_a"] + s["p_b"] == pytest.approx(1.0, abs=1e-5)
+            if cot:
+                assert 0.4 - 1e-6 <= s["p_a"] <= 0.6 + 1e-6
+
+
+def test_eval_labeler_on_known_answers(default_engine):
+    records = read_mc_records(FIXTURES / "labeler_mc.jsonl")
+    report = evaluate_labeler(default_engine, records)
+    # six records a language model gets right, and one whose "correct" answer is absurd
+    assert [r["correct"] for r in report["results"]] == [True] * 6 + [False]
+    assert report["accuracy"] == pytest.approx(6 / 7) and report["n"] == 7
+    assert report["comparisons"] == 8 and report["comparisons_per_s"] > 0
+
+
+def test_eval_labeler_bad_records(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "corrects": [], "incorrects": ["y"]}\n')
+    with pytest.raises(InputError, match="record 1: 'corrects'"):
+        read_mc_records(bad)
+    bad.write_text('{"prompt": "x", "corrects": ["a"]}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: missing field\(s\) incorrects"):
+        read_mc_records(bad)
