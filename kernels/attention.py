@@ -19,9 +19,11 @@ Minimum work, with P = sum_b L_b (L_b + 1) / 2 causal pairs:
   decode   FLOPs 4 Hq D sum_b lengths_b; bytes 2 Hkv D sum_b lengths_b b (the cache read):
            memory-bound.
 
-Torch (CPU) path: per-sequence `scaled_dot_product_attention(is_causal=True,
-enable_gqa=True)`; it reads `cu_seqlens` on the host (free on the CPU, a sync on a GPU,
-where the Triton path runs instead). No padding: work is sum L_b^2, not B max(L)^2.
+Torch (CPU) path: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` per
+sequence, or per bucket of sequences of similar length (or all short) right-padded into one
+call: the padding waste is bounded (`_USEFUL`), the per-call overhead is paid once per
+bucket. It reads `cu_seqlens` on the host (free on the CPU, a sync on a GPU, where the
+Triton path runs instead). Work is ~sum L_b^2, not B max(L)^2 as with one padded call.
 """
 
 import torch
@@ -317,19 +319,66 @@ def packed_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale=None):
     return _PackedAttention.apply(q, k, v, cu_seqlens.contiguous(), int(max_seqlen), scale)
 
 
+_SHORT = 128  # sequences at most this long share one padded SDPA call regardless of waste
+_USEFUL = 0.9  # longer ones share a call only if >= 90% of its (L x L) work is real
+
+
+def _buckets(lengths):
+    """Group sequence indices, longest first, into SDPA calls over right-padded batches.
+    Each call costs a fixed overhead (several parallel regions); padding costs work."""
+    buckets, real = [], []
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[b]
+        if n == 0:
+            continue
+        if buckets:
+            top = lengths[buckets[-1][0]]
+            padded = (len(buckets[-1]) + 1) * top * top
+            if top <= _SHORT or real[-1] + n * n >= _USEFUL * padded:
+                buckets[-1].append(b)
+                real[-1] += n * n
+                continue
+        buckets.append([b])
+        real.append(n * n)
+    return buckets
+
+
 def packed_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale=None):
     _check_packed(q, k, v, cu_seqlens)
     bounds = cu_seqlens.tolist()
+    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     gqa = q.shape[1] != k.shape[1]
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
+    outs, rows = [], torch.empty(q.shape[0], dtype=torch.int64)  # out row of each token
+    done = 0
+    for bucket in _buckets(lengths):
+        if len(bucket) == 1:  # a view, no copy
+            s, n = starts[bucket[0]], lengths[bucket[0]]
+            o = F.scaled_dot_product_attention(
+                q[s:s + n].transpose(0, 1), k[s:s + n].transpose(0, 1),
+                v[s:s + n].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=gqa)
+            outs.append(o.transpose(0, 1))  # [n, Hq, D]
+            rows[s:s + n] = torch.arange(done, done + n)
+            done += n
             continue
+        # Right padding is exact under the causal mask: a real query never sees a padded
+        # key, padded queries' outputs are dropped (so their gradients are zero), and
+        # padded slots repeat the sequence's last token so every value stays finite.
+        top = lengths[bucket[0]]
+        pos = torch.arange(top, device=q.device)
+        idx = torch.cat([starts[b] + pos.clamp(max=lengths[b] - 1) for b in bucket])
+        pad = lambda x: x.index_select(0, idx).view(len(bucket), top, *x.shape[1:])  # noqa: E731
         o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=gqa)  # [Hq, L, D]
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs) if outs else torch.empty_like(q)
+            pad(q).transpose(1, 2), pad(k).transpose(1, 2), pad(v).transpose(1, 2),
+            is_causal=True, scale=scale, enable_gqa=gqa)  # [nb, Hq, top, D]
+        outs.append(o.transpose(1, 2).reshape(len(bucket) * top, *q.shape[1:]))
+        for j, b in enumerate(bucket):
+            s, n = starts[b], lengths[b]
+            rows[s:s + n] = torch.arange(done + j * top, done + j * top + n)
+        done += len(bucket) * top
+    if not outs:
+        return torch.empty_like(q)
+    out = torch.cat(outs)
+    return out if done == q.shape[0] and len(outs) == 1 else out.index_select(0, rows.to(q.device))
 
 
 def packed_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):

@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the ke
 import pytest
 import torch
 
-from kernels.attention import (decode_attention_reference, decode_attention_torch,
+from kernels.attention import (_buckets, decode_attention_reference, decode_attention_torch,
                                decode_attention_triton, packed_attention_reference,
                                packed_attention_torch, packed_attention_triton)
 
@@ -59,6 +59,12 @@ def test_packed_attention_strided_views_and_scale(impl):
 
 def test_packed_attention_torch_larger():
     _check_packed(packed_attention_torch, [1, 150, 7, 300, 64], 9, 3, 64, seed=5)
+
+
+def test_packed_attention_torch_buckets_similar_lengths():
+    """Similar long lengths share one right-padded call; short ones always do."""
+    assert _buckets([500, 3, 490, 480, 9, 200]) == [[0, 2, 3], [5], [4, 1]]
+    _check_packed(packed_attention_torch, [200, 3, 190, 185, 9, 64], 6, 2, 32, seed=9)
 
 
 def test_packed_attention_sequences_are_independent():
