@@ -209,13 +209,14 @@ class _LogProb(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, impl):
         N, V = logits.shape
         inv_temp = 1.0 / temperature
-        lp = torch.empty(N, device=logits.device, dtype=torch.float32)
-        lse, ent = torch.empty_like(lp), torch.empty_like(lp)
         if impl == "triton":
             lp, lse, ent = _rows_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy)
         else:
+            lp = torch.empty(N, device=logits.device, dtype=torch.float32)
+            lse = torch.empty_like(lp)
+            ent = torch.empty_like(lp) if return_entropy else None
             rows = max(1, min(N, _CHUNK_ELEMS // max(V, 1)))
-            scratch = logits.new_empty(rows, V)
+            scratch = logits.new_empty(rows, V)  # log p of one chunk, reused
             for s in range(0, N, rows):
                 e = min(N, s + rows)
                 out = _rows_fwd_torch(logits[s:e], labels[s:e], inv_temp, ignore_index,
@@ -223,12 +224,10 @@ class _LogProb(torch.autograd.Function):
                 lp[s:e], lse[s:e] = out[0], out[1]
                 if return_entropy:
                     ent[s:e] = out[2]
-        ctx.save_for_backward(logits, labels, lse, ent if return_entropy else None)
+        ctx.save_for_backward(logits, labels, lse, ent)
         ctx.inv_temp, ctx.ignore_index, ctx.impl = inv_temp, ignore_index, impl
         out_dtype = _out_dtype(logits.dtype)
-        ctx.mark_non_differentiable(labels)
-        lp = lp.to(out_dtype)
-        return (lp, ent.to(out_dtype)) if return_entropy else lp
+        return (lp.to(out_dtype), ent.to(out_dtype)) if return_entropy else lp.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dlp, dent=None):
