@@ -13,7 +13,7 @@ from engine.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai import constitution_cmd, generate_cmd, label_cmd, sl_cmd
+    from cai import constitution_cmd, generate_cmd, label_cmd, sft_cmd, sl_cmd
 
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     constitution_cmd.register(sub)
     sl_cmd.register(sub)
+    sft_cmd.register(sub)
     label_cmd.register(sub)
     return parser
 
