@@ -1,0 +1,50 @@
+"""``cai ppo``: PPO against the preference model, on one shared base in one process.
+
+Needs the SFT adapter (`cai sft --out DIR` writes DIR/adapter) for the initial policy and
+the KL reference, and the preference model (`cai pm --out DIR` writes DIR/reward).
+Re-running the same command resumes from the last checkpoint in --out.
+"""
+from __future__ import annotations
+
+import argparse
+
+from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.ppo import PPOConfig
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ppo", help="RL-CAI: PPO against the preference model with a KL penalty to the SFT policy",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="the shared base model")
+    p.add_argument("--sft-adapter", default=None,
+                   help="SFT adapter folder: the initial policy and the KL reference (default: the base itself)")
+    p.add_argument("--reward", required=True, help="preference model folder written by `cai pm` (DIR/reward)")
+    p.add_argument("--prompts", default="redteam", help="'redteam', 'benign', or a JSON lines / CSV / text file")
+    p.add_argument("--split", default="train", help="split of a built-in set ('train', 'heldout', 'all')")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, policy/, peft/")
+    add_dataclass_flags(p, PPOConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cai.label_cmd import load_policy
+    from cai.pm import load_reward_model
+    from cai.ppo import train_ppo
+    from cai.prompts import load_prompts
+    from engine import Engine
+
+    cfg = dataclass_from_args(PPOConfig, args)
+    builtin = args.prompts in ("redteam", "benign")
+    prompts = load_prompts(args.prompts, split=(None if args.split == "all" else args.split) if builtin else None,
+                           limit=args.limit)
+    eng = Engine.load(args.model, max_slots=cfg.max_slots)
+    sft = load_policy(eng, args.sft_adapter)
+    reward = load_reward_model(eng, args.reward)
+    log = train_ppo(eng, reward, prompts, cfg, sft_adapter=sft, out=args.out, progress=True)
+    for rec in log:
+        print(f"iteration {rec['iteration']}: reward {rec['reward_mean']:.3f} ± {rec['reward_std']:.3f}, "
+              f"KL {rec['kl']:.3f}, entropy {rec['entropy']:.2f}, clip {rec['clip_frac']:.3f}, "
+              f"{rec['iteration_s']:.1f} s (generate {rec['generate_s']:.1f} / score {rec['score_s']:.1f} / "
+              f"train {rec['train_s']:.1f}), peak RSS {rec['peak_rss_mb']:.0f} MB")
+    return 0
