@@ -13,7 +13,7 @@ from engine.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai import constitution_cmd, generate_cmd, label_cmd, sft_cmd, sl_cmd
+    from cai import constitution_cmd, generate_cmd, label_cmd, ppo_cmd, sft_cmd, sl_cmd
 
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl_cmd.register(sub)
     sft_cmd.register(sub)
     label_cmd.register(sub)
+    ppo_cmd.register(sub)
     return parser
 
 
