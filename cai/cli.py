@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     sft_cmd.register(sub)
     label_cmd.register(sub)
     ppo_cmd.register(sub)
+    for p in sub.choices.values():
+        p.add_argument("--profile", metavar="PATH", default=None,
+                       help="write a Chrome trace (torch.profiler, with the NVTX phase names) of the first steps")
+        p.add_argument("--profile-steps", type=int, default=8, metavar="N",
+                       help="steps (decode, train or scoring steps) the --profile trace covers (default: 8)")
     return parser
 
 
@@ -34,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.profile:
+            from engine.profiling import Tracer
+
+            with Tracer(args.profile, args.profile_steps):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: everything written so far is kept; run the same command to resume",

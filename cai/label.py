@@ -27,7 +27,7 @@ from cai.constitution import Constitution
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
 from cai.sl import resolve_style
-from engine import Engine, SamplingParams
+from engine import Engine, SamplingParams, profiling
 from engine.lora import use_adapter
 from engine.options import option_logprobs
 
@@ -110,7 +110,7 @@ class Labeller:
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, n=2, stop=prompting.stop_strings(self.policy_style),
                                 seed=zlib.crc32(f"{self.cfg.seed}:pairs:{chunk[0].id}".encode()))
-        with use_adapter(self.eng.model, self.policy_adapter):
+        with use_adapter(self.eng.model, self.policy_adapter), profiling.phase("cai.label.sample"):
             outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
         return [tuple(prompting.clean_response(s.text)[0] for s in o.samples) for o in outs]
 
@@ -139,7 +139,7 @@ class Labeller:
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, stop=prompting.stop_strings(self.style, cot=True),
                                 seed=zlib.crc32(f"{self.cfg.seed}:cot:{key}".encode()))
-        with use_adapter(self.fb.model, None):
+        with use_adapter(self.fb.model, None), profiling.phase("cai.label.reason"):
             outs = self.fb.generate(ids, params, max_slots=self.cfg.max_slots)
         return [prompting.feedback_answer_prompt(p, o.text) for p, o in zip(prompts, outs)]
 
@@ -147,7 +147,7 @@ class Labeller:
         """Feedback prompts -> normalised option probabilities [J, 2] (clamped under CoT)."""
         tok = self.fb.tokenizer
         ids = [tok(prompting.render(p, tok), add_special_tokens=False)["input_ids"] for p in prompts]
-        with use_adapter(self.fb.model, None):
+        with use_adapter(self.fb.model, None), profiling.phase("cai.label.score"):
             lps = option_logprobs(self.fb.model, ids, [self.option_ids] * len(ids))
         clamp = (self.cfg.clamp_low, self.cfg.clamp_high) if self.cfg.cot else None
         return kernels.option_probs(torch.tensor(lps, dtype=torch.float32), clamp=clamp)

@@ -34,7 +34,7 @@ import torch
 import kernels
 from cai import prompting
 from cai.prompts import PromptRecord
-from engine import Engine, SamplingParams
+from engine import Engine, SamplingParams, profiling
 from engine import lora
 from engine.batch import PackedBatch, pack
 from engine.scoring import ScalarHead, hidden_states, segment_sum, token_logprobs
@@ -199,7 +199,7 @@ class PPOTrainer:
                for c in convs]
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
-        with lora.use_adapter(self.model, "policy"), torch.inference_mode():
+        with lora.use_adapter(self.model, "policy"), torch.inference_mode(), profiling.phase("cai.ppo.rollout"):
             outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
         return ids, [o.samples[0].token_ids for o in outs], [o.text for o in outs]
 
@@ -210,10 +210,11 @@ class PPOTrainer:
         masks = [[False] * len(p) + [True] * len(r) for p, r in zip(prompt_ids, responses)]
         batch = pack(seqs, masks)
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
-        scores = self.rm.score(convs, [prompting.clean_response(t)[0] for t in texts]).float()
+        with profiling.phase("cai.ppo.score"):
+            scores = self.rm.score(convs, [prompting.clean_response(t)[0] for t in texts]).float()
         if self.cfg.reward_clip:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
-        with lora.use_adapter(self.model, self.ref_adapter):
+        with lora.use_adapter(self.model, self.ref_adapter), profiling.phase("cai.ppo.reference"):
             ref_lp = token_logprobs(self.model, batch)[batch.target_rows]
         with lora.use_adapter(self.model, "policy"):
             hidden = hidden_states(self.model, batch)
@@ -248,7 +249,7 @@ class PPOTrainer:
     def _minibatch_step(self, ro: Rollout, seqs, masks, chosen: list[int]) -> dict:
         sel = torch.isin(ro.seq_of, torch.tensor(chosen))
         batch = pack([seqs[i] for i in chosen], [masks[i] for i in chosen])
-        with lora.use_adapter(self.model, "policy"):
+        with lora.use_adapter(self.model, "policy"), profiling.phase("cai.ppo.train"):
             hidden = hidden_states(self.model, batch)
             lp, ent = token_logprobs(self.model, batch, return_entropy=True, hidden=hidden)
             values = self.value_head(hidden.index_select(0, batch.target_rows))

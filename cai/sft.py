@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from engine import lora
+from engine import lora, profiling
 from engine.batch import batches_by_tokens
 from engine.errors import InputError
 from engine.lora import LoraConfig
@@ -304,10 +304,12 @@ def _step(model, trainer, group, epoch, ckpt_dir) -> dict:
     denom = max(1, sum(b.num_targets for b in group))
     loss = 0.0
     try:
-        for b in group:
-            lp = token_logprobs(model, b)
-            loss += trainer.backward(-lp.sum() / denom)
-        stats = trainer.apply()
+        with profiling.phase("cai.sft.step"):
+            for b in group:
+                with profiling.phase("engine.train.forward"):
+                    lp = token_logprobs(model, b)
+                loss += trainer.backward(-lp.sum() / denom)
+            stats = trainer.apply()
     except NonFiniteLossError as exc:
         kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)

@@ -24,7 +24,7 @@ from cai import prompting
 from cai.constitution import Constitution
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
-from engine import Engine, SamplingParams
+from engine import Engine, SamplingParams, profiling
 
 
 @dataclass
@@ -100,7 +100,11 @@ class SLRunner:
                               top_p=self.cfg.top_p, seed=zlib.crc32(key.encode()),
                               stop=prompting.stop_strings(self.style))
 
-    def _generate(self, prompts: list, params: SamplingParams) -> list[tuple[str, list[str]]]:
+    def _generate(self, prompts: list, params: SamplingParams, phase: str) -> list[tuple[str, list[str]]]:
+        with profiling.phase(f"cai.sl.{phase}"):
+            return self._generate_clean(prompts, params)
+
+    def _generate_clean(self, prompts: list, params: SamplingParams) -> list[tuple[str, list[str]]]:
         texts = [prompting.render(p, self.eng.tokenizer) for p in prompts]
         ids = [self.eng.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
@@ -110,7 +114,7 @@ class SLRunner:
         """Answer, then R rounds of critique -> revision, for every example of the chunk."""
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in chunk]
         answers = self._generate([prompting.initial_prompt(c, self.style) for c in convs],
-                                 self._params("answer", 0, chunk))
+                                 self._params("answer", 0, chunk), "answer")
         initial = [a for a, _ in answers]
         current = list(initial)
         draws = [draw_principles(self.con, self.cfg.seed, p.id, self.cfg.rounds) for p in chunk]
@@ -120,10 +124,10 @@ class SLRunner:
             pairs = [d[r] for d in draws]
             crit_prompts = [prompting.critique_prompt(d, pr, self.style, self.fewshot, **self.fewshot_kw)
                             for d, pr in zip(dialogues, pairs)]
-            critiques = self._generate(crit_prompts, self._params("critique", r, chunk))
+            critiques = self._generate(crit_prompts, self._params("critique", r, chunk), "critique")
             rev_prompts = [prompting.revision_prompt(d, c, pr, self.style, self.fewshot, **self.fewshot_kw)
                            for d, (c, _), pr in zip(dialogues, critiques, pairs)]
-            revisions = self._generate(rev_prompts, self._params("revision", r, chunk))
+            revisions = self._generate(rev_prompts, self._params("revision", r, chunk), "revision")
             for i, ((crit, cflags), (rev, rflags), pr) in enumerate(zip(critiques, revisions, pairs)):
                 flags = [f"critique_{f}" for f in cflags if f in ("empty", "degenerate")] + rflags
                 if prompting.is_degenerate(rev):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import InputError
+from engine import profiling
 from engine.model import Decode, Decoder, KVCache
 from engine.prefill import prefill
 from engine.sampling import SamplingParams, choose_tokens, sample_generator
@@ -121,8 +122,9 @@ class Generator:
             return
         lengths = [len(prompts[i]) for i in batch]
         first_slot = [len(active) + j * n for j in range(len(batch))]
-        last = prefill(self.model, self.cache, [prompts[i] for i in batch], first_slot)  # [P, H]
-        logits = self.model.logits(last).repeat_interleave(n, dim=0)  # [P*n, V]
+        with profiling.phase("engine.generate.prefill"):
+            last = prefill(self.model, self.cache, [prompts[i] for i in batch], first_slot)  # [P, H]
+            logits = self.model.logits(last).repeat_interleave(n, dim=0)  # [P*n, V]
         new = []
         for j, i in enumerate(batch):
             for s in range(n):
@@ -141,15 +143,18 @@ class Generator:
         positions = torch.tensor([s.length for s in active], dtype=torch.long)
         lengths = (positions + 1).to(torch.int32)
         ctx = Decode(self.cache, lengths, max(s.length for s in active) + 1)
-        hidden = self.model(tokens, positions, ctx)  # [B, H]
+        with profiling.phase("engine.generate.decode"):
+            logits = self.model.logits(self.model(tokens, positions, ctx))  # [B, V]
         for s in active:
             s.length += 1
-        self._advance(active, self.model.logits(hidden))
+        self._advance(active, logits)
         self._retire(active)
+        profiling.step()
 
     def _advance(self, slots: list[_Slot], logits: torch.Tensor) -> None:
         """Choose each slot's next token from its logits row [B, V]."""
-        tokens, logprobs = choose_tokens(logits, self.params, [s.gen for s in slots])
+        with profiling.phase("engine.generate.sample"):
+            tokens, logprobs = choose_tokens(logits, self.params, [s.gen for s in slots])
         for s, t, lp in zip(slots, tokens.tolist(), logprobs.tolist()):
             s.pending = t
             s.tokens.append(t)

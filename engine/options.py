@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 import kernels
+from engine import profiling
 from engine.errors import InputError
 from engine.model import Decoder, Extend, KVCache
 from engine.prefill import prefill
@@ -31,7 +32,9 @@ def option_logprobs(model: Decoder, prompts: list[list[int]], options: list[list
             raise InputError(f"prompt {i}: {len(p)} tokens plus an option exceed the model's context")
     out: list[list[float]] = [[] for _ in prompts]
     for group in _groups([len(p) for p in prompts], max_batch_tokens):
-        scores = _score_group(model, [prompts[i] for i in group], [options[i] for i in group])
+        with profiling.phase("engine.score.options"):
+            scores = _score_group(model, [prompts[i] for i in group], [options[i] for i in group])
+        profiling.step()
         for i, s in zip(group, scores):
             out[i] = s
     return out

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 
 import torch
 
+from engine import profiling
+
 CKPT_PREFIX = "step-"
 
 
@@ -122,7 +124,8 @@ class Trainer:
         if not math.isfinite(value):
             self.zero_grad()
             raise NonFiniteLossError(self.step + 1, "loss", value)
-        loss.backward()
+        with profiling.phase("engine.train.backward"):
+            loss.backward()
         self.micro += 1
         return value
 
@@ -141,9 +144,11 @@ class Trainer:
         lr = lr_at(self.step, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.optimizer.step()
+        with profiling.phase("engine.train.optimizer"):
+            self.optimizer.step()
         self.zero_grad()
         self.step += 1
+        profiling.step()
         return {"lr": lr, "grad_norm": norm}
 
     def zero_grad(self) -> None:
