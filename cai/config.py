@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+
+from engine.errors import InputError
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -41,3 +44,70 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
 
 def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping (``yaml.safe_load``); errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: could not read YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    return doc
+
+
+def build_dataclass(cls, doc: dict, source: str, prefix: str = ""):
+    """``cls`` from a (nested) mapping; an unknown key is an error naming the key and file.
+
+    A field whose default is itself a dataclass takes a nested mapping (``sl: {rounds: 2}``).
+    """
+    if not isinstance(doc, dict):
+        raise InputError(f"{source}: '{prefix.rstrip('.') or cls.__name__}' must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise InputError(f"{source}: unknown key '{prefix}{unknown[0]}' "
+                         f"(known keys here: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in doc.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            kwargs[name] = build_dataclass(type(default), value or {}, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["sl.rounds=2", "rl=dpo"]`` -> ``{"sl": {"rounds": 2}, "rl": "dpo"}`` (values as YAML)."""
+    import yaml
+
+    doc: dict = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. sl.rounds=2")
+        node = doc
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return doc

@@ -1,0 +1,57 @@
+"""``cai run``: the whole method in one command, into one run folder.
+
+    cai run --preset demo --out runs/demo
+    cai run --config my.yaml --out runs/mine --set sl.rounds=4 --set rl=dpo
+
+The YAML file (and --set) may set any field of the run and of each stage's section
+(sl, sft, label, pm, ppo, dpo, eval); an unknown key is an error naming it. Run the same
+command again after an interruption and it resumes at the stage and record where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="the whole method: SL-CAI -> SFT -> labels -> PM -> PPO/DPO -> eval",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of run settings")
+    p.add_argument("--preset", help="a built-in preset: demo (about 20 minutes on 2 cores) or paper")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set sl.rounds=4 (repeatable)")
+    p.add_argument("--out", help="run folder (default: runs/<preset or config name>)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from cai.config import parse_set
+    from cai.pipeline import Pipeline, load_run_config
+    from engine.errors import InputError
+
+    if not args.config and not args.preset:
+        raise InputError("give --preset NAME or --config FILE (see cai run --help)")
+    cfg, _ = load_run_config(args.config, args.preset, parse_set(args.set))
+    out = args.out or str(Path("runs") / (args.preset or Path(args.config).stem))
+    result = Pipeline(cfg, out).run()
+    print_summary(result, out)
+    return 0
+
+
+def print_summary(result: dict, out: str) -> None:
+    rows = result.get("eval", {}).get("summary") or []
+    if rows:
+        keys = list(rows[0].keys())
+        widths = [max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys]
+        print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+        for r in rows:
+            print("  ".join(_fmt(r.get(k)).rjust(w) for k, w in zip(keys, widths)))
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
+    print(f"done in {result['seconds']:.0f} s ({stages}); report: {out}/report.md")
+    print(json.dumps({"out": out, "seconds": result["seconds"]}))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
