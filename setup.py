@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["engine", "kernels", "cai"],
+    package_data={"cai": ["presets/*.yaml"]},
     install_requires=[
         "torch==2.13.0",
         "transformers>=5.0",

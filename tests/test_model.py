@@ -57,6 +57,16 @@ def test_default_model_logits_match_transformers(default_engine):
         assert rel_err(ours, ref) <= 1e-4
 
 
+def test_gguf_file_loads_directly(default_engine):
+    from engine.loader import default_gguf_path
+
+    eng = Engine.load(default_gguf_path())
+    ids = default_engine.encode("Hello, my name is")
+    ours, ref = packed_logits(eng, [ids])[0], packed_logits(default_engine, [ids])[0]
+    assert rel_err(ours, ref) <= 1e-6  # the same dequantised weights, read two ways
+    assert eng.tokenizer("Hello")["input_ids"] == default_engine.tokenizer("Hello")["input_ids"]
+
+
 def test_second_default_load_is_fast(default_engine):
     import time
 
