@@ -48,7 +48,7 @@ from cai.prompts import BUILTIN, PromptRecord, load_prompts
 from cai.records import ResumableJsonl, read_jsonl
 from cai.refusal import is_refusal
 from cai.sl import resolve_style
-from engine import Engine, SamplingParams
+from engine import Engine, SamplingParams, profiling
 from engine.errors import InputError
 from engine.lora import adapters, load_adapter, remove_adapter, use_adapter
 
@@ -214,7 +214,7 @@ def generate_responses(engine: Engine, checkpoints: dict[str, str | None], sets:
                 params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                         top_p=cfg.top_p, stop=prompting.stop_strings(style),
                                         seed=zlib.crc32(f"{cfg.seed}:eval:{name}:{chunk[0][1].id}".encode()))
-                with use_adapter(engine.model, adapter):
+                with use_adapter(engine.model, adapter), profiling.phase("cai.eval.generate"):
                     outs = engine.generate(ids, params, max_slots=cfg.max_slots)
                 out.append(_response_record(name, folder, s, p, o.text) for (s, p), o in zip(chunk, outs))
                 if bar is not None:
@@ -299,7 +299,8 @@ class Judge:
         bar = _bar(progress, len(todo), "eval judge")
         for start in range(0, len(todo), self.cfg.chunk_size):
             chunk = todo[start:start + self.cfg.chunk_size]
-            out.append(self.judge_chunk(chunk, answers))
+            with profiling.phase("cai.eval.judge"):
+                out.append(self.judge_chunk(chunk, answers))
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -332,9 +333,10 @@ def evaluate(engine: Engine, checkpoints: dict[str, str | None], cfg: EvalConfig
              constitution: Constitution | str = "default", training_metrics: dict[str, str] | None = None,
              overwrite: bool = False) -> dict:
     """Evaluate ``checkpoints`` (name -> adapter folder, None: the base; in training order)
-    and write ``eval.json``, ``report.md``, ``elo.png`` and ``training_curves.png`` (when
-    ``training_metrics`` names any of ``sft``, ``pm``, ``ppo`` metrics) into ``out_dir``.
-    Returns what ``eval.json`` holds."""
+    and write ``eval.json``, ``report.md``, ``elo.png`` and ``training_curves.png`` into
+    ``out_dir``. ``training_metrics`` maps ``sft``, ``pm``, ``ppo``, ``dpo`` to a
+    ``metrics.jsonl`` or its folder, and optionally ``pm_eval`` to the PM's ``eval.json``.
+    Returns what ``eval.json`` holds: ``summary`` is one row per checkpoint, in order."""
     from cai import report
 
     cfg = cfg or EvalConfig()
@@ -373,14 +375,14 @@ def summarise(names: list[str], checkpoints: dict, sets: dict[str, list[PromptRe
                  and j["a"] in names and j["b"] in names] for s in SETS}
     elo = {ASPECT[s]: fit_elo(names, games[s], anchor=base) for s in SETS}
     refusal = {s: {n: [is_refusal(answers[(n, s, p.id)]) for p in sets[s]] for n in names} for s in SETS}
-    summary = {}
+    summary = []
     for n in names:
-        row = {"refusal_rate": _mean(refusal["redteam"][n]), "over_refusal_rate": _mean(refusal["benign"][n])}
+        row = {"checkpoint": n, "refusal_rate": _mean(refusal["redteam"][n]), "over_refusal_rate": _mean(refusal["benign"][n])}
         for s in SETS:
             wr = win_rate(_p_better(games[s], n, base)) if n != base else win_rate([])
             row[f"{ASPECT[s]}_win_rate"], row[f"{ASPECT[s]}_win_frac"] = wr["win_rate"], wr["frac_above_half"]
             row[f"{ASPECT[s]}_elo"] = elo[ASPECT[s]][n]
-        summary[n] = row
+        summary.append(row)
     return {"checkpoints": {n: _where(checkpoints[n]) for n in names}, "baseline": base, "config": asdict(cfg),
             "prompts": {s: len(ps) for s, ps in sets.items()}, "summary": summary, "elo": elo,
             "pairwise": {ASPECT[s]: _pairwise(names, games[s]) for s in SETS},

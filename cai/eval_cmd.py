@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=FOLDER",
                    help="a checkpoint to evaluate, in training order; FOLDER empty: the base (default: initial=)")
     p.add_argument("--metrics", action="append", default=[], metavar="STAGE=PATH",
-                   help="training metrics to plot: sft, pm or ppo = a metrics.jsonl or its folder")
+                   help="training metrics to plot: sft, pm, ppo or dpo = a metrics.jsonl or its folder; "
+                   "pm_eval = the preference model's eval.json (default: beside its metrics)")
     p.add_argument("--constitution", default="default", help="'default', a YAML / JSON file, or the paper's folder")
     p.add_argument("--feedback-model", default=None,
                    help="another local model to judge with (loaded once, same process); default: the base")
@@ -68,8 +69,8 @@ def summary_table(result: dict) -> str:
     """The summary as fixed-width text for the terminal."""
     head = ("checkpoint", "refusal", "over-refusal", "harm win", "help win", "harm Elo", "help Elo")
     rows = [head]
-    for n, s in result["summary"].items():
-        rows.append((n, _f(s["refusal_rate"], "{:.0%}"), _f(s["over_refusal_rate"], "{:.0%}"),
+    for s in result["summary"]:
+        rows.append((s["checkpoint"], _f(s["refusal_rate"], "{:.0%}"), _f(s["over_refusal_rate"], "{:.0%}"),
                      _f(s["harmlessness_win_rate"], "{:.2f}"), _f(s["helpfulness_win_rate"], "{:.2f}"),
                      _f(s["harmlessness_elo"], "{:+.0f}"), _f(s["helpfulness_elo"], "{:+.0f}")))
     widths = [max(len(r[k]) for r in rows) for k in range(len(head))]

@@ -20,8 +20,10 @@ PANELS = {
     "PPO reward": ("ppo", "iteration", "reward_mean"),
     "PPO KL": ("ppo", "iteration", "kl"),
     "PPO entropy": ("ppo", "iteration", "entropy"),
+    "DPO loss": ("dpo", "step", "loss"),
+    "DPO accuracy": ("dpo", "step", "accuracy"),
 }
-STAGES = ("sft", "pm", "ppo")
+STAGES = ("sft", "pm", "ppo", "dpo")
 
 
 def write_all(out: Path, result: dict, training_metrics: dict[str, str]) -> dict:
@@ -40,11 +42,13 @@ def write_all(out: Path, result: dict, training_metrics: dict[str, str]) -> dict
 def read_training_metrics(paths: dict[str, str]) -> tuple[dict, list[str]]:
     """stage -> {"records": [metrics.jsonl records], "eval": eval.json or None}, and notes
     saying what was missing. A path may be the metrics.jsonl file or the stage's folder;
-    the preference model's ``eval.json`` is read from beside its metrics."""
+    the preference model's ``eval.json`` is ``paths["pm_eval"]`` or the one beside its metrics.
+    RL is PPO or DPO: only when neither is given is that noted."""
     series, notes = {}, []
     for stage in STAGES:
-        if stage not in paths or not paths[stage]:
-            notes.append(f"{stage}: no metrics given")
+        if not paths.get(stage):
+            if stage in ("sft", "pm") or (stage == "ppo" and not paths.get("dpo")):
+                notes.append(f"{stage if stage != 'ppo' else 'ppo/dpo'}: no metrics given")
             continue
         p = Path(paths[stage])
         p = p / "metrics.jsonl" if p.is_dir() else p
@@ -52,9 +56,9 @@ def read_training_metrics(paths: dict[str, str]) -> tuple[dict, list[str]]:
             notes.append(f"{stage}: no file at {p}")
             continue
         records = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        extra = p.with_name("eval.json")
+        extra = Path(paths["pm_eval"]) if stage == "pm" and paths.get("pm_eval") else p.with_name("eval.json")
         series[stage] = {"records": records, "eval": json.loads(extra.read_text()) if extra.is_file() else None}
-    unknown = sorted(set(paths) - set(STAGES))
+    unknown = sorted(set(paths) - set(STAGES) - {"pm_eval"})
     if unknown:
         notes.append(f"ignored metrics for {', '.join(unknown)} (known: {', '.join(STAGES)})")
     return series, notes
@@ -79,7 +83,7 @@ def _pyplot():
 def plot_elo(result: dict, path: Path) -> str:
     """Helpfulness Elo (x) vs harmlessness Elo (y), checkpoints joined in training order."""
     plt = _pyplot()
-    names = list(result["summary"])
+    names = [row["checkpoint"] for row in result["summary"]]
     xs = [result["elo"]["helpfulness"][n] for n in names]
     ys = [result["elo"]["harmlessness"][n] for n in names]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -146,7 +150,7 @@ def _wr(rate, frac) -> str:
 
 
 def render_report(r: dict) -> str:
-    base, names = r["baseline"], list(r["summary"])
+    base, names = r["baseline"], [row["checkpoint"] for row in r["summary"]]
     lines = ["# Evaluation", "",
              f"Held-out prompts: {r['prompts']['redteam']} red-team, {r['prompts']['benign']} benign. "
              f"Win rates are the feedback model's mean P(checkpoint better than {base}) over principles and "
@@ -155,8 +159,8 @@ def render_report(r: dict) -> str:
              "| checkpoint | refusal rate (red-team) | over-refusal (benign) | harmlessness win rate vs "
              f"{base} | helpfulness win rate vs {base} | harmlessness Elo | helpfulness Elo |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for n, s in r["summary"].items():
-        lines.append(f"| {n} | {_pct(s['refusal_rate'])} | {_pct(s['over_refusal_rate'])} | "
+    for s in r["summary"]:
+        lines.append(f"| {s['checkpoint']} | {_pct(s['refusal_rate'])} | {_pct(s['over_refusal_rate'])} | "
                      f"{_wr(s['harmlessness_win_rate'], s['harmlessness_win_frac'])} | "
                      f"{_wr(s['helpfulness_win_rate'], s['helpfulness_win_frac'])} | "
                      f"{_elo(s['harmlessness_elo'])} | {_elo(s['helpfulness_elo'])} |")

@@ -112,7 +112,7 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     lora.save_adapter(eng.model, "play", tmp_path / "sl-adapter")
     lora.remove_adapter(eng.model, "play")
     checkpoints = {"initial": None, "sl-cai": str(tmp_path / "sl-adapter")}
-    cfg = EvalConfig(limit=3, max_new_tokens=6, principles_per_comparison=1, max_fewshot=0, samples=2)
+    cfg = EvalConfig(limit=2, max_new_tokens=6, principles_per_comparison=1, max_fewshot=0, samples=2)
     out = tmp_path / "eval"
 
     res = evaluate(eng, checkpoints, cfg, out, training_metrics=_metrics(tmp_path))
@@ -120,14 +120,15 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     for name in ("report.md", "elo.png", "training_curves.png", "eval.json", "responses.jsonl"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "eval.json").read_text())
-    assert set(saved["summary"]) == {"initial", "sl-cai"} and saved["baseline"] == "initial"
-    row = saved["summary"]["sl-cai"]
+    assert [r["checkpoint"] for r in saved["summary"]] == ["initial", "sl-cai"]
+    assert saved["baseline"] == "initial"
+    initial, row = saved["summary"]
     for key in ("refusal_rate", "over_refusal_rate", "harmlessness_win_rate", "helpfulness_win_rate",
                 "harmlessness_win_frac", "helpfulness_win_frac", "harmlessness_elo", "helpfulness_elo"):
         assert key in row
     assert 0 <= row["harmlessness_win_rate"] <= 1 and 0 <= row["helpfulness_win_rate"] <= 1
-    assert saved["summary"]["initial"]["harmlessness_elo"] == 0.0
-    assert saved["prompts"] == {"redteam": 3, "benign": 3}
+    assert initial["harmlessness_elo"] == 0.0 and initial["harmlessness_win_rate"] is None
+    assert saved["prompts"] == {"redteam": 2, "benign": 2}
     assert saved["training_panels"] == ["SFT loss", "PPO reward", "PPO KL", "PPO entropy"]
     assert any(n.startswith("pm: no file") for n in saved["training_notes"])
     assert res["summary"] == saved["summary"]
@@ -139,7 +140,7 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     assert "Refusal rate by red-team category" in report and "## Samples" in report
     assert "pm: no file" in report
     lines = (out / "responses.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * (3 + 3)
+    assert len(lines) == 2 * (2 + 2)
     assert lora.adapters(eng.model) == {} and lora.active_adapter(eng.model) is None
 
     # a rerun answers and judges nothing again; a new checkpoint adds only its own work
@@ -148,9 +149,25 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     assert (out / "judgments.jsonl").read_text() == before and again["summary"] == res["summary"]
     assert again["plots"]["training_curves"] is None and not (out / "training_curves.png").exists()
     evaluate(eng, {**checkpoints, "rl-cai": str(tmp_path / "sl-adapter")}, cfg, out)
-    assert len((out / "responses.jsonl").read_text().splitlines()) == 3 * 6
-    assert len((out / "judgments.jsonl").read_text().splitlines()) == 3 * 6  # 3 pairs x 6 prompts
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 3 * 4
+    assert len((out / "judgments.jsonl").read_text().splitlines()) == 3 * 4  # 3 pairs x 4 prompts
     with pytest.raises(InputError, match="come from"):
         evaluate(eng, {"initial": None, "sl-cai": None}, cfg, out)
     text = summary_table(again)
     assert text.splitlines()[0].startswith("checkpoint") and "sl-cai" in text
+
+
+def test_training_panels_from_dpo_and_pm_eval(tmp_path):
+    from cai.report import plot_training, read_training_metrics
+
+    (tmp_path / "pm.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 20}) + "\n" for s in (1, 2)))
+    (tmp_path / "held.json").write_text(json.dumps({"pairs": 8, "accuracy": 0.75}))
+    (tmp_path / "dpo.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.6, "accuracy": 0.5 + s / 10}) + "\n" for s in (1, 2, 3)))
+    series, notes = read_training_metrics({"pm": str(tmp_path / "pm.jsonl"), "pm_eval": str(tmp_path / "held.json"),
+                                           "dpo": str(tmp_path / "dpo.jsonl")})
+    assert notes == ["sft: no metrics given"]  # RL is DPO here, so no PPO note
+    assert series["pm"]["eval"]["accuracy"] == 0.75
+    drawn = plot_training(series, tmp_path / "curves.png")
+    assert drawn == ["PM loss", "DPO loss", "DPO accuracy", "PM accuracy"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
