@@ -264,8 +264,9 @@ class Pipeline:
         metrics = {"sft": self.out / "sft" / "metrics.jsonl", "pm": self.out / "pm" / "metrics.jsonl",
                    "pm_eval": self.out / "pm" / "eval.json", self.cfg.rl: self.out / self.cfg.rl / "metrics.jsonl"}
         result = evaluate(self.eng, checkpoints, self.cfg.eval, self.out / "eval", progress=True,
+                          constitution=self.con,
                           training_metrics={k: str(v) for k, v in metrics.items() if v.exists()})
-        return {"checkpoints": list(checkpoints)} if not isinstance(result, dict) else _scalars(result)
+        return {"summary": result["summary"]}
 
     # ---- summary ----------------------------------------------------------------------------
     def summary(self) -> dict:
