@@ -13,7 +13,7 @@ from engine.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai import constitution_cmd, generate_cmd, label_cmd, ppo_cmd, run_cmd, sft_cmd, sl_cmd
+    from cai import constitution_cmd, eval_cmd, generate_cmd, label_cmd, ppo_cmd, run_cmd, sft_cmd, sl_cmd
 
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft_cmd.register(sub)
     label_cmd.register(sub)
     ppo_cmd.register(sub)
+    eval_cmd.register(sub)
     run_cmd.register(sub)
     for p in sub.choices.values():
         p.add_argument("--profile", metavar="PATH", default=None,
