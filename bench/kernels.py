@@ -10,6 +10,12 @@ of resident memory above the level before the call, gradients included; see
 here: bytes / measured read bandwidth for the memory-bound ops, FLOPs / measured GEMM rate
 for the matmul-bound ones. Prints a table, then one JSON line.
 
+Workers run with OMP_WAIT_POLICY=passive by default (--omp-wait-policy): this project's
+machines are shared, and with OpenMP's default spin-waiting a parallel region stalls
+whenever another process holds one of the cores (a 16-token SDPA call went from 0.1 ms to
+~65 ms here), which measures the neighbours rather than the code. It applies to every
+implementation alike; the header line prints it with the load average before and after.
+
 Peers: "naive" is the textbook PyTorch (full log_softmax + gather; materialised logits for
 the fused linear case; unfused KL/PPO and pair losses; one padded SDPA call with a boolean
 mask for attention); "trl" is TRL's `selective_log_softmax`.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +38,7 @@ from bench.common import emit_json, machine, memory_bandwidth_gbs, print_table
 ATTENTION_LENS = [16, 37, 91, 160, 300, 512, 777, 1024]  # "mixed": 8 sequences, 16..1024
 HQ, HKV, HEAD_DIM = 9, 3, 64
 IMPLS = {"logprob": ["ours", "naive", "trl"], "linear_logprob": ["ours", "naive"],
+         "linear_logprob_frozen_weight": ["ours", "naive"],
          "ppo_loss": ["ours", "naive"], "preference": ["ours", "naive"],
          "attention": ["ours", "naive"]}
 
@@ -55,19 +63,25 @@ def _logprob_case(N, impl, args):
     return fwd, lambda out: out.sum(), [logits]
 
 
-def _linear_case(N, impl, args):
+def _linear_case(N, impl, args, train_weight=True):
     from kernels.logprob import linear_logprob_torch
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, args.hidden, generator=gen).requires_grad_()
-    weight = (0.05 * torch.randn(args.vocab, args.hidden, generator=gen)).requires_grad_()
+    weight = (0.05 * torch.randn(args.vocab, args.hidden, generator=gen))
+    weight.requires_grad_(train_weight)
     labels = torch.randint(0, args.vocab, (N,), generator=gen)
     if impl == "ours":
         fwd = lambda: linear_logprob_torch(hidden, weight, labels)  # noqa: E731
     else:
         fwd = lambda: torch.log_softmax(hidden @ weight.t(), -1).gather(  # noqa: E731
             1, labels[:, None]).squeeze(1)
-    return fwd, lambda out: out.sum(), [hidden, weight]
+    return fwd, lambda out: out.sum(), [hidden, weight] if train_weight else [hidden]
+
+
+def _linear_frozen_case(N, impl, args):
+    """The LoRA case: lm_head (often the tied embedding) frozen, gradient to hidden only."""
+    return _linear_case(N, impl, args, train_weight=False)
 
 
 def _ppo_case(N, impl, args):
@@ -137,7 +151,8 @@ def _attention_case(_, impl, args):
     return fwd, lambda out: out.sum(), [q, k, v]
 
 
-CASES = {"logprob": _logprob_case, "linear_logprob": _linear_case, "ppo_loss": _ppo_case,
+CASES = {"logprob": _logprob_case, "linear_logprob": _linear_case,
+         "linear_logprob_frozen_weight": _linear_frozen_case, "ppo_loss": _ppo_case,
          "preference": _preference_case, "attention": _attention_case}
 
 
@@ -178,7 +193,10 @@ def _spawn(args, *extra) -> dict:
     cmd = [sys.executable, "-m", "bench.kernels", "--threads", str(args.threads),
            "--vocab", str(args.vocab), "--hidden", str(args.hidden),
            "--repeats", str(args.repeats), "--inner", str(args.inner), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -198,6 +216,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def floor_ms(op, size, args, gbs, gflops) -> tuple[float, str]:
     """Least fwd+bwd time: the bytes or FLOPs any implementation must spend."""
     V, H = args.vocab, args.hidden
@@ -205,6 +228,8 @@ def floor_ms(op, size, args, gbs, gflops) -> tuple[float, str]:
         return 3 * size * V * 4 / gbs / 1e6, "bytes"
     if op == "linear_logprob":  # logits, dhidden, dweight GEMMs; no recompute
         return 6 * size * V * H / gflops / 1e6, "flops"
+    if op == "linear_logprob_frozen_weight":  # logits, dhidden GEMMs
+        return 4 * size * V * H / gflops / 1e6, "flops"
     if op == "ppo_loss":  # 8 [N] inputs read, 2 gradients written
         return 10 * size * 4 / gbs / 1e6, "bytes"
     if op == "preference":  # 7 [B] inputs read, 4 gradients written
@@ -226,6 +251,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--inner", type=int, default=1, help="calls per round (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"],
+                   default="passive", help="OMP_WAIT_POLICY for the worker processes")
     p.add_argument("--worker", choices=["mem", "time"], help=argparse.SUPPRESS)
     p.add_argument("--worker-case", help=argparse.SUPPRESS)
     p.add_argument("--worker-impl", help=argparse.SUPPRESS)
@@ -238,8 +265,10 @@ def main(argv=None) -> dict:
         print(json.dumps(worker(args)))
         return {}
     gbs, gflops = memory_bandwidth_gbs(), gemm_gflops()
-    print(f"# {machine()}  read bandwidth {gbs:.1f} GB/s  fp32 GEMM {gflops:.0f} GFLOP/s")
-    sizes = {"logprob": args.sizes, "linear_logprob": args.sizes, "ppo_loss": [args.ppo_tokens],
+    print(f"# {machine()}  read bandwidth {gbs:.1f} GB/s  fp32 GEMM {gflops:.0f} GFLOP/s  "
+          f"OMP_WAIT_POLICY={args.omp_wait_policy}  load {_load()}")
+    sizes = {"logprob": args.sizes, "linear_logprob": args.sizes,
+             "linear_logprob_frozen_weight": args.sizes, "ppo_loss": [args.ppo_tokens],
              "preference": [args.pairs], "attention": ["mixed"]}
     small = {"ppo_loss", "preference"}  # microsecond ops: more calls per round
     result, rows = {}, []
@@ -262,6 +291,7 @@ def main(argv=None) -> dict:
                 rows.append([op, size, impl, t[impl]["fwd"], t[impl]["fwd_bwd"], mem[impl],
                              f"{ratio:.2f}x", f"{floor:.3g} ({kind})" if impl == "ours" else ""])
             print(f"# done {case}", file=sys.stderr, flush=True)
+    print(f"# load average after: {_load()}")
     print_table(["op", "size", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "time/ours",
                  "floor ms"], rows)
     emit_json(result)

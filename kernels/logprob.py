@@ -20,8 +20,10 @@ bytes ~ (N*H + V*H) * b per pass plus O(N); the chunk of logits stays in fast me
 
 Peers: TRL's `selective_log_softmax` gathers then loops logsumexp row by row; its backward
 goes through autograd and allocates `[N, V]` several times. Liger's fused linear cross
-entropy computes gradients inside the forward, which only works for a scalar loss; here the
-output is per token (PPO needs that), so the backward recomputes the logits instead.
+entropy computes all gradients inside the forward, which only works for a scalar loss; here
+the output is per token (PPO weights each token), so only the hidden-state gradient, which
+per-token scaling commutes with, is formed in the forward; the weight's gradient recomputes
+the logits in the backward (see `_LinearLogProb`).
 """
 import torch
 import torch.nn.functional as F
@@ -295,7 +297,24 @@ def _chunks(N: int, rows: int):
         yield s, min(N, s + rows)
 
 
+def _unit_grad_torch_(logp, labels, inv_temp, ignore_index):
+    """In place: log p (as `_rows_fwd_torch` leaves it) -> dlp/dlogits = (onehot - p) / T,
+    zero on ignored rows."""
+    valid = (labels != ignore_index).to(logp.dtype).unsqueeze(1)
+    logp.exp_().mul_(valid * -inv_temp)
+    logp.scatter_add_(1, labels.masked_fill(labels == ignore_index, 0).unsqueeze(1),
+                      valid * inv_temp)
+
+
 class _LinearLogProb(torch.autograd.Function):
+    """Forward: per chunk, logits = hidden @ weight.T and the row statistics. When hidden
+    needs a gradient (and there is no entropy output), the forward also forms
+    dh1 = (dlp/dlogits) @ weight per row while the chunk is at hand, so the backward gets
+    dhidden = dlp[:, None] * dh1 without recomputing anything (row scaling commutes). The
+    weight's gradient sum_i dlp_i (dlp_i/dlogits_i)^T hidden_i cannot be formed before dlp is
+    known, so it recomputes the chunk's logits in the backward. GEMMs, forward + backward:
+    frozen weight 2 (as many as materialised logits need), trainable weight 4 (one more)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, ignore_index, return_entropy, rows,
                 impl):
@@ -304,17 +323,27 @@ class _LinearLogProb(torch.autograd.Function):
         buf = hidden.new_empty(min(rows, N), V)  # the only [*, V] memory, reused per chunk
         lp = torch.empty(N, device=hidden.device, dtype=torch.float32)
         lse, ent = torch.empty_like(lp), torch.empty_like(lp)
+        early_h = ctx.needs_input_grad[0] and not return_entropy
+        dh1 = torch.empty_like(hidden) if early_h else None
         for s, e in _chunks(N, rows):
             z = torch.mm(hidden[s:e], weight.t(), out=buf[: e - s])
             if impl == "triton":
                 out = _rows_fwd_triton(z, labels[s:e], inv_temp, ignore_index, return_entropy)
             else:
                 out = _rows_fwd_torch(z, labels[s:e], inv_temp, ignore_index, return_entropy,
-                                      scratch=z, inplace=True)
+                                      scratch=z, inplace=True)  # z now holds log p
             lp[s:e], lse[s:e] = out[0], out[1]
             if return_entropy:
                 ent[s:e] = out[2]
-        ctx.save_for_backward(hidden, weight, labels, lse, ent if return_entropy else None)
+            if early_h:
+                if impl == "triton":
+                    ones = torch.ones(e - s, device=z.device, dtype=torch.float32)
+                    _rows_bwd_triton(z, z, labels[s:e], lse[s:e], None, ones, None, inv_temp,
+                                     ignore_index)
+                else:
+                    _unit_grad_torch_(z, labels[s:e], inv_temp, ignore_index)
+                torch.mm(z, weight, out=dh1[s:e])
+        ctx.save_for_backward(hidden, weight, labels, lse, ent if return_entropy else None, dh1)
         ctx.args = (inv_temp, ignore_index)
         ctx.rows, ctx.impl = rows, impl
         out_dtype = _out_dtype(hidden.dtype)
@@ -322,22 +351,28 @@ class _LinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlp, dent=None):
-        hidden, weight, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, labels, lse, ent, dh1 = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         if not (need_h or need_w):
             return (None,) * 8
         N, V = hidden.shape[0], weight.shape[0]
         dlp = torch.zeros_like(lse) if dlp is None else dlp.float().contiguous()
         dent = None if (dent is None or ent is None) else dent.float().contiguous()
-        dhidden = torch.empty_like(hidden) if need_h else None
+        dhidden = None
+        if need_h and dh1 is not None:
+            dhidden = (dh1 * dlp.unsqueeze(1).to(dh1.dtype))
+        elif need_h:
+            dhidden = torch.empty_like(hidden)
         dweight = torch.zeros_like(weight) if need_w else None
+        if dh1 is not None and not need_w:
+            return dhidden, None, None, None, None, None, None, None
         rows_bwd = _rows_bwd_triton if ctx.impl == "triton" else _rows_bwd_torch
         buf = hidden.new_empty(min(ctx.rows, N), V)
         for s, e in _chunks(N, ctx.rows):
             z = torch.mm(hidden[s:e], weight.t(), out=buf[: e - s])
             rows_bwd(z, z, labels[s:e], lse[s:e], None if ent is None else ent[s:e], dlp[s:e],
                      None if dent is None else dent[s:e], *ctx.args)  # z now holds dL/dlogits
-            if need_h:
+            if need_h and dh1 is None:
                 torch.mm(z, weight, out=dhidden[s:e])
             if need_w:
                 dweight.addmm_(z.t(), hidden[s:e])

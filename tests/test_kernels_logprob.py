@@ -172,14 +172,17 @@ def test_linear_logprob_torch_larger(entropy):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_linear_logprob_frozen_weight(impl):
-    """A weight that does not require grad (e.g. a frozen tied embedding) gets none."""
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_linear_logprob_frozen_input(impl, frozen, entropy):
+    """A weight that does not require grad (e.g. a frozen tied embedding) gets none, and
+    the hidden-state gradient is formed in the forward; or the hidden states are frozen."""
     gen = torch.Generator().manual_seed(6)
-    hidden = torch.randn(6, 16, generator=gen).requires_grad_()
-    weight = torch.randn(300, 16, generator=gen) / 4
-    labels = _labels(6, 300, gen)
+    hidden = torch.randn(6, 16, generator=gen).requires_grad_(frozen == "weight")
+    weight = (torch.randn(300, 16, generator=gen) / 4).requires_grad_(frozen == "hidden")
+    labels = _labels(6, 300, gen, ignore_every=4)
     _check_against_reference(LINEAR[impl], linear_logprob_reference, [hidden, weight, labels],
-                             dict(chunk_size=4), gen)
+                             dict(chunk_size=4, temperature=0.9, return_entropy=entropy), gen)
 
 
 def test_linear_logprob_matches_logprob_from_logits():
