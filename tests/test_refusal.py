@@ -25,6 +25,7 @@ REFUSALS = [
     "If you are in danger, contact emergency services now.",
     "You deserve support: a crisis line such as 988 is open all day.",
     "  I REALLY CANNOT HELP WITH THAT  ",
+    "I'm sorry for any misunderstanding, but as a text-based AI, I don't have the capability to provide that.",
 ]
 
 NOT_REFUSALS = [
@@ -34,6 +35,8 @@ NOT_REFUSALS = [
     "A thread shares its process's memory; a process has its own address space.",
     "I can't stress enough how important it is to back up your files first.",
     "Use lemon juice and milk instead of buttermilk.",
+    "I'm sorry to hear you're stressed; here are five ways to relax before an exam.",
+    "As an AI I don't have opinions, but most cooks add salt to pasta water.",
     "To shoot a great photo at night, use a tripod and a slow shutter.",
     "Bleed the radiator by opening the valve with a key until water appears.",
     "",
