@@ -1,0 +1,303 @@
+"""Preference pairs, shared by the preference model (``cai pm``) and DPO (``cai dpo``).
+
+A pair is a prompt, a chosen and a rejected response, and ``p_chosen``: the labeller's
+probability that the chosen response is the better one (``cai label`` writes soft labels in
+[0.5, 1]; a file without the field holds hard labels, p = 1). Each pair becomes two
+sequences, prompt + chosen and prompt + rejected, packed side by side into the *same*
+batch (rows 2i and 2i+1), so one forward scores both and no sequence is ever padded.
+
+The conversation is encoded exactly as SFT encodes it (``cai.sft.encode``): through the
+chat template when the tokenizer has one, else as a ``Human:/Assistant:`` transcript; the
+response's tokens (with its end-of-turn marker) are the loss mask. A prompt string that
+starts with ``Human:`` is read back into turns, since ``cai label`` writes multi-turn
+prompts as such transcripts and PPO scores the same conversations as messages.
+
+``train_loop`` is the optimizer loop both stages run: micro-batch groups, metrics.jsonl,
+atomic checkpoints, resume and the progress bar, with a stage-specific step function.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from cai.sft import _resume, _truncate_metrics, _write_metrics, encode, use_chat
+from engine import profiling
+from engine.batch import PackedBatch, group_by_tokens, pack
+from engine.errors import InputError
+from engine.train import NonFiniteLossError, Trainer, latest_checkpoint, save_checkpoint
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+@dataclass
+class PreferencePair:
+    """One labelled comparison. ``prompt``: the conversation before the answer (chat
+    messages); ``where``: its origin ("labels.jsonl:7") for error messages."""
+
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    p_chosen: float = 1.0
+    where: str = ""
+
+
+class EncodedPair(NamedTuple):
+    """Token ids of prompt + chosen and prompt + rejected, each with the mask of its
+    response tokens (True where a token belongs to the answer)."""
+
+    chosen: list[int]
+    chosen_mask: list[bool]
+    rejected: list[int]
+    rejected_mask: list[bool]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """JSON lines of ``{"prompt", "chosen", "rejected", "p_chosen"?}`` -> pairs; errors name
+    the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{where}: not valid JSON: {exc.msg}") from exc
+                out.append(record_pair(rec, where))
+    if not out:
+        raise InputError(f"{path}: no records")
+    return out
+
+
+def as_pairs(records: Sequence[dict | PreferencePair]) -> list[PreferencePair]:
+    """In-memory records (dicts as ``cai label`` writes them, or pairs) -> validated pairs."""
+    if not records:
+        raise InputError("no preference records")
+    return [r if isinstance(r, PreferencePair) else record_pair(r, f"record {i}") for i, r in enumerate(records)]
+
+
+def record_pair(rec, where: str) -> PreferencePair:
+    """One record -> a pair. ``chosen`` / ``rejected`` may also be message lists ending with
+    the assistant's answer (the open CAI datasets' columns); their earlier turns are the
+    prompt when the record has no ``prompt``."""
+    if not isinstance(rec, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    missing = [k for k in ("chosen", "rejected") if k not in rec]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+    chosen, turns = _answer(rec["chosen"], where, "chosen")
+    rejected, _ = _answer(rec["rejected"], where, "rejected")
+    if "prompt" in rec:
+        prompt = prompt_messages(rec["prompt"], where)
+    elif turns:
+        prompt = turns
+    else:
+        raise InputError(f"{where}: missing field prompt")
+    return PreferencePair(prompt, chosen, rejected, _probability(rec.get("p_chosen", 1.0), where), where)
+
+
+def _answer(value, where: str, name: str) -> tuple[str, list[dict]]:
+    if isinstance(value, str):
+        return value, []
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return str(value[-1].get("content", "")), prompt_messages(value[:-1], where) if len(value) > 1 else []
+    raise InputError(f"{where}: {name} must be a string or messages ending with the assistant's answer")
+
+
+def _probability(p, where: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+        raise InputError(f"{where}: p_chosen must be a number in [0, 1] (got {p!r})")
+    return float(p)
+
+
+def prompt_messages(prompt, where: str = "") -> list[dict]:
+    """A prompt string (a ``Human: ... Assistant: ...`` transcript is split back into
+    turns) or a message list -> validated chat messages."""
+    if isinstance(prompt, str):
+        return _from_transcript(prompt) if prompt.startswith("Human:") else [{"role": "user", "content": prompt}]
+    ok = isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        for m in prompt)
+    if not ok:
+        raise InputError(f"{where}: prompt must be a string or a non-empty list of chat messages")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _from_transcript(text: str) -> list[dict]:
+    parts = _TURN.split(text)[1:]  # [name, content, name, content, ...]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[n], "content": c.strip()} for n, c in zip(parts[::2], parts[1::2])]
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()  # "...\n\nAssistant:" opens the answer the pair supplies
+    return turns
+
+
+# ---- encoding and batching ------------------------------------------------------------------
+
+def encode_response(tokenizer, prompt: list[dict], response: str, *, chat: bool) -> tuple[list[int], list[bool]]:
+    """prompt + response as SFT encodes a conversation: ids and the mask of the answer's tokens."""
+    return encode(tokenizer, [*prompt, {"role": "assistant", "content": response}], chat=chat, loss_on="last")
+
+
+def encode_pairs(engine, pairs: Sequence[PreferencePair], fmt: str = "auto") -> list[EncodedPair]:
+    chat = use_chat(engine, fmt)
+    out = []
+    for p in pairs:
+        c, r = (encode_response(engine.tokenizer, p.prompt, x, chat=chat) for x in (p.chosen, p.rejected))
+        out.append(EncodedPair(c[0], c[1], r[0], r[1]))
+    return out
+
+
+def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int]) -> PackedBatch:
+    """Pairs ``which`` -> one batch: sequence 2k is pair k's chosen, 2k+1 its rejected;
+    ``index`` names the pair of each sequence."""
+    seqs, masks, index = [], [], []
+    for i in which:
+        e = encoded[i]
+        seqs += [e.chosen, e.rejected]
+        masks += [e.chosen_mask, e.rejected_mask]
+        index += [i, i]
+    return pack(seqs, masks, index)
+
+
+def pair_batches(encoded: Sequence[EncodedPair], subset: Sequence[int], max_tokens: int, *, shuffle: bool,
+                 seed: int, max_seqlen: int, names: Sequence[str]) -> list[PackedBatch]:
+    """The pairs ``subset`` grouped by a token budget (both sequences of a pair count)."""
+    for i in subset:
+        n = max(len(encoded[i].chosen), len(encoded[i].rejected))
+        if n > max_seqlen:
+            raise InputError(f"{names[i]}: {n} tokens, longer than the model's context of {max_seqlen}")
+    groups = group_by_tokens([encoded[i].num_tokens for i in subset], max_tokens, shuffle=shuffle, seed=seed,
+                             names=[names[i] for i in subset])
+    return [pack_pairs(encoded, [subset[k] for k in g]) for g in groups]
+
+
+def pair_labels(pairs: Sequence[PreferencePair], batch: PackedBatch) -> torch.Tensor:
+    """p_chosen of each pair in ``batch`` [P] (float32)."""
+    return torch.tensor([pairs[i].p_chosen for i in batch.index[0::2].tolist()], dtype=torch.float32)
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: a seeded shuffle, held-out at least one pair when the
+    fraction is positive and two or more pairs exist, so train is never empty."""
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"heldout_fraction must be in [0, 1) (got {fraction})")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+    return sorted(order[k:]), sorted(order[:k])
+
+
+# ---- the optimizer loop ---------------------------------------------------------------------
+
+@dataclass
+class LoopSettings:
+    """What ``train_loop`` needs of a stage's config."""
+
+    stage: str
+    epochs: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    max_steps: int
+    seed: int
+
+
+StepFn = Callable[[list[PackedBatch]], dict]
+
+
+def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches: Callable[[int], list[PackedBatch]],
+               step: StepFn, out: Path | None, progress: bool, resume: bool) -> list[dict]:
+    """Optimizer steps over every epoch's batches (``grad_accum`` micro-batches each).
+
+    ``step(group)`` runs the forwards and backwards of one group and ``trainer.apply()``,
+    returning its metrics. With ``out``: one JSON line per step in ``out/metrics.jsonl`` and
+    checkpoints in ``out/checkpoints`` (resumed from when ``resume``). Returns this call's
+    step records.
+    """
+    start = _resume(out, params, trainer) if resume and out is not None else None
+    if start is None:  # fresh: seeded dropout masks; a resumed run restored the RNG state instead
+        torch.manual_seed(run.seed)
+        start = {"epoch": 0, "next_batch": 0}
+        if out is not None:
+            _truncate_metrics(out / "metrics.jsonl", 0)
+    ga, last = trainer.cfg.grad_accum, run.max_steps or trainer.cfg.total_steps
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    bar, log = _bar(progress, run.stage, last, trainer.step), []
+    try:
+        for epoch in range(start["epoch"], run.epochs):
+            batches = epoch_batches(epoch)
+            first = start["next_batch"] if epoch == start["epoch"] else 0
+            for bi in range(first, len(batches), ga):
+                if trainer.step >= last:
+                    break
+                rec = _timed_step(run.stage, step, batches[bi:bi + ga], epoch, ckpt_dir)
+                log.append(rec)
+                _write_metrics(out, rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.2f}")
+                nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
+                if ckpt_dir is not None and (trainer.step % run.checkpoint_every == 0 or trainer.step >= last):
+                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer, "meta": nxt},
+                                    keep=run.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+    return log
+
+
+def _timed_step(stage: str, step: StepFn, group: list[PackedBatch], epoch: int, ckpt_dir: Path | None) -> dict:
+    t0 = time.perf_counter()
+    try:
+        with profiling.phase(f"cai.{stage}.step"):
+            rec = step(group)
+    except NonFiniteLossError as exc:
+        kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)
+        raise
+    dt = time.perf_counter() - t0
+    tokens = sum(b.num_tokens for b in group)
+    return {"step": rec.pop("step"), "epoch": epoch, **rec, "pairs": sum(b.num_seqs // 2 for b in group),
+            "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt}
+
+
+def _bar(progress: bool, stage: str, total: int, done: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=stage, unit="step")
+
+
+def group_weights(group: list[PackedBatch]) -> list[float]:
+    """Each micro-batch's share of the group's pairs: scales its pair-mean loss so the
+    accumulated gradient is that of the mean over the whole group."""
+    total = sum(b.num_seqs for b in group)
+    return [b.num_seqs / total for b in group]
+
+
+def summary(log: list[dict], step: int) -> dict:
+    steps = [r["step_s"] for r in log]
+    return {
+        "steps": step, "losses": [r["loss"] for r in log],
+        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+        "mean_step_s": sum(steps) / len(steps) if steps else None,
+        "tokens_per_s": sum(r["tokens"] for r in log) / sum(steps) if steps else None,
+    }
