@@ -110,13 +110,14 @@ class Decode:
     lengths: torch.Tensor
     max_len: int
 
+    def __post_init__(self):
+        self._rows = torch.arange(self.lengths.shape[0])  # once per step, not once per layer
+
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         b = q.shape[0]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        rows = torch.arange(b)
-        pos = self._positions
-        kc[rows, :, pos] = k
-        vc[rows, :, pos] = v
+        kc[self._rows, :, self._positions] = k
+        vc[self._rows, :, self._positions] = v
         return kernels.decode_attention(q, kc[:b], vc[:b], self.lengths, self.max_len, scale)
 
 
