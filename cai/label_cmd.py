@@ -7,6 +7,7 @@ import json
 import time
 
 from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.prompts import add_prompt_flags
 from cai.label import LabelConfig
 from engine.errors import InputError
 
@@ -15,9 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("label", help="AI feedback: sample response pairs and label them under the constitution",
                        description=label_doc(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", default="redteam", help="'redteam', 'benign', or a JSON lines / CSV / text file")
-    p.add_argument("--split", default="train", help="split of a built-in set ('train', 'heldout', 'all')")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    add_prompt_flags(p)
     p.add_argument("--constitution", default="default", help="'default', a YAML / JSON file, or the paper's folder")
     p.add_argument("--model", default="default", help="the shared base model")
     p.add_argument("--policy-adapter", default=None,
@@ -61,15 +60,13 @@ def run_label(args) -> int:
 
     from cai.constitution import load_constitution
     from cai.label import Labeller
-    from cai.prompts import load_prompts
+    from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
     from engine import Engine
 
     cfg = dataclass_from_args(LabelConfig, args)
     con = load_constitution(args.constitution)
-    builtin = args.prompts in ("redteam", "benign")
-    prompts = load_prompts(args.prompts, split=(None if args.split == "all" else args.split) if builtin else None,
-                           limit=args.limit)
+    prompts = select_prompts(args.prompts, args.split, args.limit)
     eng = Engine.load(args.model, max_slots=cfg.max_slots)
     feedback = Engine.load(args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
     labeller = Labeller(eng, con, cfg, load_policy(eng, args.policy_adapter), feedback)

@@ -161,10 +161,9 @@ class Pipeline:
 
     # ---- prompt sets ----------------------------------------------------------------------
     def _prompts(self, source: str, start: int, count: int):
-        from cai.prompts import load_prompts
+        from cai.prompts import select_prompts
 
-        split = "train" if source in ("redteam", "benign") else None
-        pool = load_prompts(source, split=split)
+        pool = select_prompts(source, "train")
         if not pool:
             raise InputError(f"{source}: no prompts")
         return [pool[(start + i) % len(pool)] for i in range(min(count, len(pool)))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.prompts import add_prompt_flags
 from cai.ppo import PPOConfig
 
 
@@ -19,9 +20,7 @@ def register(sub) -> None:
     p.add_argument("--sft-adapter", default=None,
                    help="SFT adapter folder: the initial policy and the KL reference (default: the base itself)")
     p.add_argument("--reward", required=True, help="preference model folder written by `cai pm` (DIR/reward)")
-    p.add_argument("--prompts", default="redteam", help="'redteam', 'benign', or a JSON lines / CSV / text file")
-    p.add_argument("--split", default="train", help="split of a built-in set ('train', 'heldout', 'all')")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    add_prompt_flags(p)
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, policy/, peft/")
     add_dataclass_flags(p, PPOConfig)
     p.set_defaults(func=run)
@@ -31,13 +30,11 @@ def run(args) -> int:
     from cai.label_cmd import load_policy
     from cai.pm import load_reward_model
     from cai.ppo import train_ppo
-    from cai.prompts import load_prompts
+    from cai.prompts import select_prompts
     from engine import Engine
 
     cfg = dataclass_from_args(PPOConfig, args)
-    builtin = args.prompts in ("redteam", "benign")
-    prompts = load_prompts(args.prompts, split=(None if args.split == "all" else args.split) if builtin else None,
-                           limit=args.limit)
+    prompts = select_prompts(args.prompts, args.split, args.limit)
     eng = Engine.load(args.model, max_slots=cfg.max_slots)
     sft = load_policy(eng, args.sft_adapter)
     reward = load_reward_model(eng, args.reward)

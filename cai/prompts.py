@@ -37,6 +37,21 @@ class PromptRecord:
     split: str | None = None  # "train" or "heldout"; None when the source has no split
 
 
+def add_prompt_flags(p) -> None:
+    """--prompts / --split / --limit, as every prompt-driven command takes them."""
+    p.add_argument("--prompts", default="redteam",
+                   help="'redteam', 'benign', or a JSON lines / CSV / plain-text file of prompts")
+    p.add_argument("--split", default="train", help="split of a built-in set: 'train', 'heldout' or 'all'")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+
+
+def select_prompts(source: str | Path, split: str = "train", limit: int | None = None) -> list[PromptRecord]:
+    """The prompts a stage runs on: ``split`` of a built-in set ("all" for every split); a
+    user's file is taken whole (it need not carry splits)."""
+    builtin = str(source) in BUILTIN and not Path(source).exists()
+    return load_prompts(source, split=split if builtin and split != "all" else None, limit=limit)
+
+
 def load_prompts(source: str | Path, split: str | None = None,
                  limit: int | None = None) -> list[PromptRecord]:
     """Read prompts, keep those of ``split`` (if given), then the first ``limit``."""

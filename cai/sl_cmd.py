@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import argparse
 from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.prompts import add_prompt_flags
 from cai.sl import SLConfig
 
 
 def register(sub) -> None:
     p = sub.add_parser("sl", help="SL-CAI: answer, critique and revise red-team prompts",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", default="redteam",
-                   help="'redteam', 'benign', or a JSON lines / CSV / text file of prompts")
-    p.add_argument("--split", default="train", help="which split of a built-in set ('train', 'heldout', 'all')")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    add_prompt_flags(p)
     p.add_argument("--constitution", default="default",
                    help="'default', our YAML, an open-recipe JSON, or a folder of the paper's files")
     p.add_argument("--model", default="default", help="model folder, .gguf file, or 'default'")
@@ -30,16 +28,14 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from cai.constitution import load_constitution
-    from cai.prompts import load_prompts
+    from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
     from cai.sl import SLRunner
     from engine import Engine
 
     cfg = dataclass_from_args(SLConfig, args)
     constitution = load_constitution(args.constitution)
-    split = None if args.split == "all" else args.split
-    prompts = load_prompts(args.prompts, split=split if args.prompts in ("redteam", "benign") else None,
-                           limit=args.limit)
+    prompts = select_prompts(args.prompts, args.split, args.limit)
     eng = Engine.load(args.model, max_slots=cfg.max_slots)
     runner = SLRunner(eng, constitution, cfg)
     with ResumableJsonl(args.out, runner.meta(), overwrite=args.overwrite) as out:
