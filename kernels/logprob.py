@@ -26,7 +26,6 @@ per-token scaling commutes with, is formed in the forward; the weight's gradient
 the logits in the backward (see `_LinearLogProb`).
 """
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import backend
 from ._triton import check_launchable, tl, triton
@@ -43,10 +42,6 @@ def _check(logits_or_hidden: torch.Tensor, labels: torch.Tensor) -> None:
     assert logits_or_hidden.dim() == 2, f"expected [N, *], got {tuple(logits_or_hidden.shape)}"
     assert labels.shape == logits_or_hidden.shape[:1], "labels must be [N]"
     assert labels.dtype == torch.int64, "labels must be int64"
-
-
-def _finish(lp, ent, return_entropy):
-    return (lp, ent) if return_entropy else lp
 
 
 # ------------------------------------------------------------------------------------------
