@@ -22,7 +22,7 @@ import torch
 from engine.errors import InputError
 from engine import profiling
 from engine.model import Decode, Decoder, KVCache
-from engine.prefill import prefill
+from engine.prefill import PrefillCost, prefill
 from engine.sampling import SamplingParams, choose_tokens, sample_generator
 
 
@@ -112,12 +112,15 @@ class Generator:
 
     def _admit(self, queue: deque, active: list[_Slot], prompts) -> None:
         n, free = self.params.n, self.cache.num_slots - len(active)
-        batch, budget = [], self.max_prefill_tokens
-        while queue and free >= n and (not batch or len(prompts[queue[0]]) <= budget):
+        # The budget counts what the forward computes: a few-shot prefix shared by the batch
+        # once. Counting whole prompts admitted ~5 of 32 critique prompts per prefill and ran
+        # their 500-token shared prefix once per admission.
+        batch, cost = [], PrefillCost()
+        while queue and free >= n and (not batch or cost.with_prompt(prompts[queue[0]]) <= self.max_prefill_tokens):
             i = queue.popleft()
             batch.append(i)
             free -= n
-            budget -= len(prompts[i])
+            cost.add(prompts[i])
         if not batch:
             return
         lengths = [len(prompts[i]) for i in batch]

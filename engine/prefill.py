@@ -20,11 +20,39 @@ def shared_prefix_len(prompts: list[list[int]]) -> int:
     """Leading tokens common to every prompt, leaving each at least one token of its own."""
     first, n = prompts[0], min(len(p) for p in prompts) - 1
     for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == first[k]:
-            k += 1
-        n = k
+        n = _common(first, p, n)
     return max(n, 0)
+
+
+def _common(a: list[int], b: list[int], limit: int) -> int:
+    k = 0
+    while k < limit and a[k] == b[k]:
+        k += 1
+    return k
+
+
+class PrefillCost:
+    """Tokens ``prefill`` computes for a growing list of prompts (a shared prefix of at least
+    ``min_shared`` tokens counts once), kept up to date one prompt at a time, so a generator
+    can fill its prefill budget with what the forward really computes rather than with
+    whole prompt lengths."""
+
+    def __init__(self, min_shared: int = MIN_SHARED):
+        self.min_shared, self.first, self.shared, self.total, self.count = min_shared, None, 0, 0, 0
+
+    def _with(self, prompt: list[int]) -> tuple[int, int, int]:
+        if self.first is None:
+            return len(prompt) - 1, len(prompt), 1
+        return _common(self.first, prompt, min(self.shared, len(prompt) - 1)), self.total + len(prompt), self.count + 1
+
+    def with_prompt(self, prompt: list[int]) -> int:
+        """The cost if ``prompt`` were added."""
+        shared, total, count = self._with(prompt)
+        return total - (count - 1) * shared if count > 1 and shared >= self.min_shared else total
+
+    def add(self, prompt: list[int]) -> None:
+        self.shared, self.total, self.count = self._with(prompt)
+        self.first = self.first if self.first is not None else prompt
 
 
 def prefill(model: Decoder, cache: KVCache, prompts: list[list[int]], slots: list[int],
