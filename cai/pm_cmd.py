@@ -50,7 +50,8 @@ def add_section_flags(p, defaults, prefix: str = "") -> None:
     docs = field_docs(type(defaults))
     for f in fields(defaults):
         value, dest = getattr(defaults, f.name), f"{prefix}_{f.name}" if prefix else f.name
-        kw = dict(dest=dest, default=value, help=f"{docs.get(f.name, '')} (default: {value})")
+        help_ = f"{docs.get(f.name, '')} (default: {value})".replace("%", "%%")  # argparse formats help with %
+        kw = dict(dest=dest, default=value, help=help_)
         if isinstance(value, bool):
             p.add_argument("--" + dest.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(value, (int, float, str)):

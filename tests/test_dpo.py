@@ -151,7 +151,9 @@ def test_config_is_checked():
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    dpo_cmd.register(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    dpo_cmd.register(sub)
+    assert "--label-smoothing" in sub.choices["dpo"].format_help()
     return parser.parse_args(["dpo", *argv])
 
 

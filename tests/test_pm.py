@@ -182,7 +182,9 @@ def test_resume_repeats_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    pm_cmd.register(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    pm_cmd.register(sub)
+    assert "--lora-rank" in sub.choices["pm"].format_help()
     return parser.parse_args(["pm", *argv])
 
 
