@@ -13,7 +13,8 @@ from engine.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai import constitution_cmd, eval_cmd, generate_cmd, label_cmd, ppo_cmd, run_cmd, sft_cmd, sl_cmd
+    from cai import (constitution_cmd, dpo_cmd, eval_cmd, generate_cmd, label_cmd, pm_cmd, ppo_cmd, run_cmd,
+                     sft_cmd, sl_cmd)
 
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl_cmd.register(sub)
     sft_cmd.register(sub)
     label_cmd.register(sub)
+    pm_cmd.register(sub)
     ppo_cmd.register(sub)
+    dpo_cmd.register(sub)
     eval_cmd.register(sub)
     run_cmd.register(sub)
     for p in sub.choices.values():
