@@ -2,6 +2,7 @@
 and the loader's errors."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_second_default_load_reads_the_cache_not_the_gguf(default_engine, monkey
     monkeypatch.setattr(loader, "_read_gguf", no_gguf)
     again = Engine.load("default")
     assert again.source == default_engine.source
-    assert (again.source / "model.safetensors").is_file()
+    assert (Path(again.source) / "model.safetensors").is_file()
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
