@@ -17,7 +17,6 @@ atomic checkpoints, resume and the progress bar, with a stage-specific step func
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -29,6 +28,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from cai.sft import _resume, _truncate_metrics, _write_metrics, encode, use_chat
+from cai.records import iter_jsonl
 from engine import profiling
 from engine.batch import PackedBatch, group_by_tokens, pack
 from engine.errors import InputError
@@ -68,22 +68,7 @@ class EncodedPair(NamedTuple):
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """JSON lines of ``{"prompt", "chosen", "rejected", "p_chosen"?}`` -> pairs; errors name
     the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON: {exc.msg}") from exc
-                out.append(record_pair(rec, where))
-    if not out:
-        raise InputError(f"{path}: no records")
-    return out
+    return [record_pair(rec, where) for where, rec in iter_jsonl(path)]
 
 
 def as_pairs(records: Sequence[dict | PreferencePair]) -> list[PreferencePair]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from engine.errors import InputError
 
@@ -85,26 +85,36 @@ class ResumableJsonl:
         self.close()
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Every record of a JSON lines file; errors name the file and line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """``("file:line", value)`` for every non-blank line of a JSON lines file; a missing
+    file, a line that is not JSON, or a file with no records is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    out = []
+    empty = True
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise InputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            out.append(rec)
-    if not out:
+                raise InputError(f"{where}: not valid JSON: {exc.msg}") from exc
+            empty = False
+            yield where, value
+    if empty:
         raise InputError(f"{path}: no records")
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
+    """Every record of a JSON lines file, each an object with the ``required`` fields."""
+    out = []
+    for where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+        out.append(rec)
     return out

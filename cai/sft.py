@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from cai.records import iter_jsonl
 from engine import lora, profiling
 from engine.batch import batches_by_tokens
 from engine.errors import InputError
@@ -87,22 +88,7 @@ class Conversation:
 def read_sft_file(path: str | Path) -> list[Conversation]:
     """JSON lines of SL-CAI records (``messages``, or ``init_prompt`` + ``revision_response``)
     or plain ``{"messages"}`` / ``{"prompt", "response"}`` records -> conversations."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON: {exc.msg}") from exc
-                out.append(Conversation(record_messages(rec, where), where))
-    if not out:
-        raise InputError(f"{path}: no records")
-    return out
+    return [Conversation(record_messages(rec, where), where) for where, rec in iter_jsonl(path)]
 
 
 def record_messages(rec, where: str) -> list[dict]:
