@@ -235,7 +235,8 @@ class PPOTrainer:
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}:mb:{self.iteration}".encode()))
         sums: dict[str, float] = {}
         steps = 0
-        self.policy.train()
+        # The adapter stays in eval mode: LoRA dropout would make the first ratio differ
+        # from 1 and add noise PPO's clipping then fights (RLHF recipes turn it off too).
         for _ in range(self.cfg.ppo_epochs):
             order = torch.randperm(len(seqs), generator=g).tolist()
             for k in range(0, len(order), self.cfg.minibatch_size):
@@ -243,7 +244,6 @@ class PPOTrainer:
                 for name, v in self._minibatch_step(ro, seqs, masks, chosen).items():
                     sums[name] = sums.get(name, 0.0) + v
                 steps += 1
-        self.policy.eval()
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
     def _minibatch_step(self, ro: Rollout, seqs, masks, chosen: list[int]) -> dict:

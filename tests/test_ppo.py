@@ -64,9 +64,10 @@ def test_surrogate_loss_falls_on_a_fixed_rollout(tiny_model_dir):
     ro = ppo.experience(chosen, ids, responses, texts)
     seqs = [p + r for p, r in zip(ids, responses)]
     masks = [[False] * len(p) + [True] * len(r) for p, r in zip(ids, responses)]
-    losses = [ppo._minibatch_step(ro, seqs, masks, [0, 1, 2, 3])["loss"] for _ in range(8)]
-    assert losses[-1] < losses[0] - 1e-3
-    # the first step sees the rollout's own policy: ratio exactly 1, nothing clipped
+    steps = [ppo._minibatch_step(ro, seqs, masks, [0, 1, 2, 3]) for _ in range(8)]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1e-3
+    # the first step sees the rollout's own policy (no dropout): ratio 1, nothing clipped
+    assert steps[0]["clip_frac"] == 0.0 and abs(steps[0]["approx_kl"]) < 1e-6
     assert ro.advantages.abs().sum() > 0
 
 
