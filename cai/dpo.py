@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 
 import kernels
-from cai.pairs import (EncodedPair, LoopSettings, PreferencePair, as_pairs, encode_pairs, group_weights,
-                       pair_batches, pair_labels, summary, train_loop)
+from cai.pairs import EncodedPair, PreferencePair, as_pairs, encode_pairs, group_weights, pair_batches, pair_labels
+from cai.training import LoopSettings, summary, train_loop
 from engine import lora, profiling
 from engine.batch import PackedBatch
 from engine.errors import InputError
@@ -129,7 +129,8 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
           else lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed))
     params = dict(ad.named_parameters())
     trainer = Trainer([p.requires_grad_(True) for p in params.values()], optim)
-    run = LoopSettings("dpo", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed)
+    run = LoopSettings("dpo", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed,
+                      postfix=("loss", "accuracy"))
     ad.train(not cfg.disable_dropout)
     try:
         with lora.use_adapter(model, cfg.adapter):

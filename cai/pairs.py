@@ -12,27 +12,23 @@ response's tokens (with its end-of-turn marker) are the loss mask. A prompt stri
 starts with ``Human:`` is read back into turns, since ``cai label`` writes multi-turn
 prompts as such transcripts and PPO scores the same conversations as messages.
 
-``train_loop`` is the optimizer loop both stages run: micro-batch groups, metrics.jsonl,
-atomic checkpoints, resume and the progress bar, with a stage-specific step function.
+Both stages train through ``cai.training.train_loop`` with a pair-specific step function.
 """
 from __future__ import annotations
 
 import math
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-from cai.sft import _resume, _truncate_metrics, _write_metrics, encode, use_chat
+from cai.sft import encode, use_chat
 from cai.records import iter_jsonl
-from engine import profiling
 from engine.batch import PackedBatch, group_by_tokens, pack
 from engine.errors import InputError
-from engine.train import NonFiniteLossError, Trainer, latest_checkpoint, save_checkpoint
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
@@ -192,97 +188,8 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 # ---- the optimizer loop ---------------------------------------------------------------------
 
-@dataclass
-class LoopSettings:
-    """What ``train_loop`` needs of a stage's config."""
-
-    stage: str
-    epochs: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    max_steps: int
-    seed: int
-
-
-StepFn = Callable[[list[PackedBatch]], dict]
-
-
-def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches: Callable[[int], list[PackedBatch]],
-               step: StepFn, out: Path | None, progress: bool, resume: bool) -> list[dict]:
-    """Optimizer steps over every epoch's batches (``grad_accum`` micro-batches each).
-
-    ``step(group)`` runs the forwards and backwards of one group and ``trainer.apply()``,
-    returning its metrics. With ``out``: one JSON line per step in ``out/metrics.jsonl`` and
-    checkpoints in ``out/checkpoints`` (resumed from when ``resume``). Returns this call's
-    step records.
-    """
-    start = _resume(out, params, trainer) if resume and out is not None else None
-    if start is None:  # fresh: seeded dropout masks; a resumed run restored the RNG state instead
-        torch.manual_seed(run.seed)
-        start = {"epoch": 0, "next_batch": 0}
-        if out is not None:
-            _truncate_metrics(out / "metrics.jsonl", 0)
-    ga, last = trainer.cfg.grad_accum, run.max_steps or trainer.cfg.total_steps
-    ckpt_dir = out / "checkpoints" if out is not None else None
-    bar, log = _bar(progress, run.stage, last, trainer.step), []
-    try:
-        for epoch in range(start["epoch"], run.epochs):
-            batches = epoch_batches(epoch)
-            first = start["next_batch"] if epoch == start["epoch"] else 0
-            for bi in range(first, len(batches), ga):
-                if trainer.step >= last:
-                    break
-                rec = _timed_step(run.stage, step, batches[bi:bi + ga], epoch, ckpt_dir)
-                log.append(rec)
-                _write_metrics(out, rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.2f}")
-                nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
-                if ckpt_dir is not None and (trainer.step % run.checkpoint_every == 0 or trainer.step >= last):
-                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer, "meta": nxt},
-                                    keep=run.keep_checkpoints)
-    finally:
-        if bar is not None:
-            bar.close()
-    return log
-
-
-def _timed_step(stage: str, step: StepFn, group: list[PackedBatch], epoch: int, ckpt_dir: Path | None) -> dict:
-    t0 = time.perf_counter()
-    try:
-        with profiling.phase(f"cai.{stage}.step"):
-            rec = step(group)
-    except NonFiniteLossError as exc:
-        kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)
-        raise
-    dt = time.perf_counter() - t0
-    tokens = sum(b.num_tokens for b in group)
-    return {"step": rec.pop("step"), "epoch": epoch, **rec, "pairs": sum(b.num_seqs // 2 for b in group),
-            "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt}
-
-
-def _bar(progress: bool, stage: str, total: int, done: int):
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=stage, unit="step")
-
-
 def group_weights(group: list[PackedBatch]) -> list[float]:
     """Each micro-batch's share of the group's pairs: scales its pair-mean loss so the
     accumulated gradient is that of the mean over the whole group."""
     total = sum(b.num_seqs for b in group)
     return [b.num_seqs / total for b in group]
-
-
-def summary(log: list[dict], step: int) -> dict:
-    steps = [r["step_s"] for r in log]
-    return {
-        "steps": step, "losses": [r["loss"] for r in log],
-        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-        "mean_step_s": sum(steps) / len(steps) if steps else None,
-        "tokens_per_s": sum(r["tokens"] for r in log) / sum(steps) if steps else None,
-    }

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from cai.pairs import (EncodedPair, LoopSettings, PreferencePair, as_pairs, encode_pairs, encode_response,
-                       group_weights, pair_batches, pair_labels, prompt_messages, split_heldout, summary, train_loop)
+from cai.pairs import (EncodedPair, PreferencePair, as_pairs, encode_pairs, encode_response, group_weights,
+                       pair_batches, pair_labels, prompt_messages, split_heldout)
+from cai.training import LoopSettings, summary, train_loop
 from cai.sft import use_chat
 from engine import lora, profiling
 from engine.batch import PackedBatch, group_by_tokens, pack
@@ -171,7 +172,8 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
     params = {**{f"adapter.{k}": p for k, p in ad.named_parameters()},
               **{f"head.{k}": p for k, p in head.named_parameters()}}
     trainer = Trainer([p.requires_grad_(True) for p in params.values()], optim)
-    run = LoopSettings("pm", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed)
+    run = LoopSettings("pm", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed,
+                      postfix=("loss", "accuracy"))
     step = _step_fn(model, head, trainer, pairs, cfg.soft_labels)
     ad.train()
     try:

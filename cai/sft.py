@@ -12,22 +12,20 @@ are the original model's answers, which are exactly what the revisions replace.
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from cai.records import iter_jsonl
 from engine import lora, profiling
+from cai.training import LoopSettings, summary, train_loop
 from engine.batch import batches_by_tokens
 from engine.errors import InputError
 from engine.lora import LoraConfig
 from engine.scoring import token_logprobs
-from engine.train import NonFiniteLossError, OptimConfig, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.train import OptimConfig, Trainer
 
 ROLES = ("system", "user", "assistant")
 
@@ -200,14 +198,13 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
     previous = lora.active_adapter(model)
     params = _trainable(engine, cfg)
     trainer = Trainer(params.values(), optim)
-    start = _resume(out, params, trainer) if resume and out is not None else None
-    if start is None:  # a fresh run: seeded dropout masks; a resumed one restored the RNG state
-        torch.manual_seed(cfg.seed)
-        start = {"epoch": 0, "next_batch": 0}
-        if out is not None:
-            _truncate_metrics(out / "metrics.jsonl", 0)
+    run = LoopSettings("sft", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed,
+                       postfix=("loss", "lr"))
     try:
-        return _loop(engine, cfg, trainer, params, epoch_batches, start, out, progress)
+        log = train_loop(run, trainer, params, epoch_batches, _step_fn(model, trainer), out, progress, resume)
+        if out is not None:
+            _export(engine, cfg, out)
+        return summary(log, trainer.step)
     finally:
         _restore(engine, cfg, previous)
 
@@ -233,92 +230,20 @@ def _restore(engine, cfg: SFTConfig, previous: str | None) -> None:
     lora.set_adapter(engine.model, previous)
 
 
-def _resume(out: Path, params: dict, trainer: Trainer) -> dict | None:
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is None:
-        return None
-    try:
-        state = load_checkpoint(ckpt, params, trainer.optimizer)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise InputError(f"{ckpt}: does not match this run's trainable weights ({exc}); "
-                         "start over with --no-resume or another --out") from exc
-    trainer.step = state["step"]
-    _truncate_metrics(out / "metrics.jsonl", trainer.step)
-    return state["meta"]
+def _step_fn(model, trainer: Trainer):
+    def step(group) -> dict:
+        """One optimizer step: token-mean loss over all the group's target tokens."""
+        denom = max(1, sum(b.num_targets for b in group))
+        loss = 0.0
+        for b in group:
+            with profiling.phase("engine.train.forward"):
+                lp = token_logprobs(model, b)
+            loss += trainer.backward(-lp.sum() / denom)
+        stats = trainer.apply()
+        return {"step": trainer.step, "loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                "target_tokens": denom}
 
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after the checkpoint, so a resumed run never duplicates a step."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _loop(engine, cfg, trainer, params, epoch_batches, start, out, progress) -> dict:
-    model, ga = engine.model, trainer.cfg.grad_accum
-    last = cfg.max_steps or trainer.cfg.total_steps
-    bar = _bar(progress, last, trainer.step)
-    log, ckpt_dir = [], out / "checkpoints" if out is not None else None
-    try:
-        for epoch in range(start["epoch"], cfg.epochs):
-            batches = epoch_batches(epoch)
-            first = start["next_batch"] if epoch == start["epoch"] else 0
-            for bi in range(first, len(batches), ga):
-                if trainer.step >= last:
-                    break
-                rec = _step(model, trainer, batches[bi:bi + ga], epoch, ckpt_dir)
-                log.append(rec)
-                _write_metrics(out, rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-                nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
-                if ckpt_dir is not None and (trainer.step % cfg.checkpoint_every == 0 or trainer.step >= last):
-                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer, "meta": nxt},
-                                    keep=cfg.keep_checkpoints)
-    finally:
-        if bar is not None:
-            bar.close()
-    if out is not None:
-        _export(engine, cfg, out)
-    return _summary(log, trainer.step)
-
-
-def _step(model, trainer, group, epoch, ckpt_dir) -> dict:
-    """One optimizer step over a group of micro-batches: token-mean loss over all their targets."""
-    t0 = time.perf_counter()
-    denom = max(1, sum(b.num_targets for b in group))
-    loss = 0.0
-    try:
-        with profiling.phase("cai.sft.step"):
-            for b in group:
-                with profiling.phase("engine.train.forward"):
-                    lp = token_logprobs(model, b)
-                loss += trainer.backward(-lp.sum() / denom)
-            stats = trainer.apply()
-    except NonFiniteLossError as exc:
-        kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)
-        raise
-    dt = time.perf_counter() - t0
-    tokens = sum(b.num_tokens for b in group)
-    return {"step": trainer.step, "epoch": epoch, "loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-            "tokens": tokens, "target_tokens": denom, "step_s": dt, "tokens_per_s": tokens / dt}
-
-
-def _write_metrics(out: Path | None, rec: dict) -> None:
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
-def _bar(progress: bool, total: int, done: int):
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc="sft", unit="step")
+    return step
 
 
 def _export(engine, cfg: SFTConfig, out: Path) -> None:
@@ -328,13 +253,3 @@ def _export(engine, cfg: SFTConfig, out: Path) -> None:
         lora.export_peft(model, cfg.adapter, out / "peft", base_model_name_or_path=str(engine.source))
     if cfg.full or cfg.export_merged:
         lora.export_merged(model, None if cfg.full else cfg.adapter, out / "merged", engine.tokenizer, engine.source)
-
-
-def _summary(log: list[dict], step: int) -> dict:
-    steps = [r["step_s"] for r in log]
-    return {
-        "steps": step, "losses": [r["loss"] for r in log],
-        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-        "mean_step_s": sum(steps) / len(steps) if steps else None,
-        "tokens_per_s": sum(r["tokens"] for r in log) / sum(steps) if steps else None,
-    }
