@@ -66,6 +66,7 @@ def _loadavg() -> str:
 @dataclass
 class PhaseStats:
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): what neighbours do not inflate
     tokens: int = 0
     calls: int = 0
 
@@ -95,10 +96,11 @@ class Recorder:
     def generate(self, prompts, params, max_slots=None):
         phase = "answer" if self.calls == 0 else ("critique" if self.calls % 2 else "revision")
         self.calls += 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outs = self.backend.generate(prompts, params, max_slots=max_slots)
         st = self.stats[phase]
         st.seconds += time.perf_counter() - start
+        st.cpu_seconds += time.process_time() - cpu
         st.tokens += sum(len(o.samples[0].token_ids) for o in outs)
         st.calls += 1
         return outs
@@ -166,12 +168,13 @@ def load_hf(source: str):
     return hf, tok
 
 
-def run_sl(runner_cls, backend, constitution, cfg, prompts) -> tuple[float, Recorder, list[dict]]:
+def run_sl(runner_cls, backend, constitution, cfg, prompts) -> tuple[float, float, Recorder, list[dict]]:
+    """Wall and CPU seconds of one ``run_chunk``, the recorder, the records."""
     rec = Recorder(backend)
     runner = runner_cls(rec, constitution, cfg)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     records = runner.run_chunk(prompts)
-    return time.perf_counter() - start, rec, records
+    return time.perf_counter() - start, time.process_time() - cpu, rec, records
 
 
 def bench_sl(args, eng) -> tuple[dict, list]:
@@ -190,35 +193,42 @@ def bench_sl(args, eng) -> tuple[dict, list]:
     for b in backends.values():
         run_sl(SLRunner, b, con, warm, prompts[:2])
 
-    totals = {k: {"seconds": 0.0, "stats": {p: PhaseStats() for p in PHASES}, "flags": 0} for k in backends}
+    totals = {k: {"seconds": 0.0, "cpu_seconds": 0.0, "stats": {p: PhaseStats() for p in PHASES}, "flags": 0}
+              for k in backends}
     for rep in range(args.repeats):
         for name, b in backends.items():  # back to back, so both see the same neighbours
             cfg.seed = rep
-            dt, rec, records = run_sl(SLRunner, b, con, cfg, prompts)
+            dt, cpu, rec, records = run_sl(SLRunner, b, con, cfg, prompts)
             t = totals[name]
             t["seconds"] += dt
+            t["cpu_seconds"] += cpu
             t["flags"] += sum("kept_previous" in r["flags"] for r in records)
             for p in PHASES:
                 s, r = t["stats"][p], rec.stats[p]
                 s.seconds, s.tokens, s.calls = s.seconds + r.seconds, s.tokens + r.tokens, s.calls + r.calls
-            print(f"  sl {name} repeat {rep}: {dt:.1f} s, {sum(r.tokens for r in rec.stats.values())} tokens, "
-                  f"load {_loadavg()}", file=sys.stderr, flush=True)
+            print(f"  sl {name} repeat {rep}: {dt:.1f} s ({cpu:.1f} CPU s), "
+                  f"{sum(r.tokens for r in rec.stats.values())} tokens, "
+                  + ", ".join(f"{p} {rec.stats[p].seconds:.1f} s/{rec.stats[p].tokens} tok" for p in PHASES)
+                  + f", load {_loadavg()}", file=sys.stderr, flush=True)
 
     n = len(prompts) * args.repeats
     res, rows = {}, []
     for name, t in totals.items():
         gen = sum(s.tokens for s in t["stats"].values())
         res[name] = {"examples_per_min": 60 * n / t["seconds"], "seconds": t["seconds"],
+                     "examples_per_cpu_min": 60 * n / t["cpu_seconds"],
                      "tokens_per_example": gen / n, "tok_s": gen / t["seconds"],
                      **{f"{p}_tok_s": t["stats"][p].tok_s for p in PHASES},
                      **{f"{p}_s": t["stats"][p].seconds for p in PHASES}}
     e, h = res["engine"], res["hf"]
-    for key, label in [("examples_per_min", "examples/min"), ("tok_s", "tok/s, all phases"),
+    for key, label in [("examples_per_min", "examples/min"), ("examples_per_cpu_min", "examples/CPU-min"),
+                       ("tok_s", "tok/s, all phases"),
                        *[(f"{p}_tok_s", f"tok/s, {p}") for p in PHASES], *[(f"{p}_s", f"seconds, {p}") for p in PHASES],
                        ("tokens_per_example", "generated tokens/example")]:
         rows.append([f"SL-CAI {label}", e[key], h[key], e[key] / h[key] if h[key] else float("nan")])
     out = {"sl_examples_per_min": round(e["examples_per_min"], 2), "sl_hf_examples_per_min": round(h["examples_per_min"], 2),
            "sl_ratio": round(e["examples_per_min"] / h["examples_per_min"], 2),
+           "sl_cpu_ratio": round(e["examples_per_cpu_min"] / h["examples_per_cpu_min"], 2),
            "sl_tok_s": round(e["tok_s"], 1), "sl_hf_tok_s": round(h["tok_s"], 1),
            "sl_tokens_per_example": round(e["tokens_per_example"], 1),
            "sl_hf_tokens_per_example": round(h["tokens_per_example"], 1)}
@@ -324,7 +334,8 @@ def bench_sft(args, eng) -> tuple[dict, list]:
             ["SFT tokens/s", toks["engine"] / e, toks["trl"] / t, (toks["engine"] / e) / (toks["trl"] / t)]]
     return {"sft_step_s": round(e, 3), "trl_sft_step_s": round(t, 3), "sft_ratio": round(t / e, 2),
             "sft_tokens_per_step": round(toks["engine"], 1), "trl_sft_tokens_per_step": round(toks["trl"], 1),
-            "sft_tok_s": round(toks["engine"] / e, 1), "trl_sft_tok_s": round(toks["trl"] / t, 1)}, rows
+            "sft_tok_s": round(toks["engine"] / e, 1), "trl_sft_tok_s": round(toks["trl"] / t, 1),
+            "sft_tok_s_ratio": round((toks["engine"] / e) / (toks["trl"] / t), 2)}, rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,12 +372,18 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Import what the run uses now: a source tree edited during a long run must not hand it
+    # a newer module that no longer fits the ones already loaded.
+    import cai.constitution, cai.prompts, cai.sft, cai.sl  # noqa: E401, F401
+    if not args.skip_sft:
+        import datasets, peft, trl  # noqa: E401, F401
     load_start = _loadavg()
     eng = Engine.load("default")
     summary, rows = {}, []
     if not args.skip_sl:
         s, r = bench_sl(args, eng)
         summary.update(s)
+        print(f"  sl done: {s}", file=sys.stderr, flush=True)  # kept if a later part fails
         rows += r
     if not args.skip_sft:
         s, r = bench_sft(args, eng)
