@@ -19,7 +19,8 @@ from pathlib import Path
 
 from cai.config import add_dataclass_flags
 from cai.dpo import DPOConfig
-from cai.pm_cmd import add_common_flags, add_section_flags, build_config, fresh_start
+from cai.pm_cmd import add_common_flags, add_section_flags, build_config
+from cai.training import fresh_start
 
 
 def register(sub) -> None:

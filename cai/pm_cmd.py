@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 from cai.config import add_dataclass_flags, dataclass_from_args, field_docs
 from cai.pm import PMConfig
+from cai.training import fresh_start
 from engine.errors import InputError
 
 
@@ -77,12 +77,6 @@ def build_config(cls, args):
         return replace(cfg, lora=section_from_args(base.lora, args, "lora"), optim=section_from_args(base.optim, args))
     except (TypeError, ValueError) as exc:
         raise InputError(f"{cls.__name__}: {exc}") from exc
-
-
-def fresh_start(out: Path, resume: bool) -> None:
-    if not resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def run(args) -> int:

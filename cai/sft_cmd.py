@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from cai.training import fresh_start
 from engine.errors import InputError
 
 # flag -> (section, field); section None is SFTConfig itself
@@ -120,9 +120,7 @@ def run(args) -> int:
     if args.include_helpful:
         examples += read_sft_file(args.include_helpful)
     out = Path(args.out)
-    if not args.resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    fresh_start(out, args.resume)
     eng = Engine.load(args.model)
     try:
         summary = train_sft(eng, examples, cfg, out, progress=args.progress, resume=args.resume)

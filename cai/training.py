@@ -10,6 +10,7 @@ non-finite.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,13 @@ def summary(log: list[dict], step: int) -> dict:
         "mean_step_s": sum(steps) / len(steps) if steps else None,
         "tokens_per_s": sum(r["tokens"] for r in log) / sum(steps) if steps else None,
     }
+
+
+def fresh_start(out: Path, resume: bool) -> None:
+    """Without ``resume``, drop an earlier run's checkpoints and metrics in ``out``."""
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def resume_from(out: Path, params: dict, trainer: Trainer) -> dict | None:
