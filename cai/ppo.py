@@ -6,38 +6,50 @@ Roles are adapters on the shared base, switched by context, never copied:
   reference = base + "sft" adapter (the KL anchor)
   reward    = base + "reward" adapter + reward head (the preference model)
 
-One iteration: sample responses with the policy (continuous batching); score them with the
-reward model; compute reference and old-policy log-probs and values in packed forwards
-(no padding); per-token rewards r_t = -beta * KL_t, plus the preference score on the last
-token; GAE advantages (whitened) and returns; then ``ppo_epochs`` passes over packed
-minibatches with the clipped policy loss and clipped value loss of ``kernels``.
+One iteration: draw prompts, red-team and helpfulness ones mixed (``helpful_fraction``; the
+paper's RL prompts are about half helpfulness prompts, so the policy is not pushed only
+toward refusing); sample responses with the policy (continuous batching) at ``temperature``;
+end each response at its first EOS or stop string; score them with the reward model (a
+response cut by the length limit gets ``missing_eos_penalty`` on top); compute reference
+and old-policy log-probs and values in packed forwards (no padding); per-token rewards
+r_t = -beta * KL_t, plus the score on the last kept token; GAE advantages (whitened) and
+returns; then ``ppo_epochs`` passes over packed minibatches with the clipped policy loss and
+clipped value loss of ``kernels``. Tokens after the end of a response are masked out: they
+get no reward, KL, value or gradient.
+
+Every log-prob (policy, old policy, reference) is taken at the sampling temperature, as TRL
+does: the ratio and the KL are then those of the distribution that drew the tokens.
 
 Deliberate differences from TRL-style PPO: no second copy of any weights (TRL holds policy,
 reference, value and reward models); the value head shares the policy's trunk and adapter
 (a separate value model would be a fourth forward per step); old log-probs are recomputed
 in one packed forward rather than taken from the sampler, so the importance ratio starts at
-exactly 1 whatever the sampler's numerics.
+exactly 1 whatever the sampler's numerics (their largest gap to the sampler's log-probs is
+reported each iteration as ``sampler_lp_gap``); responses end at stop strings as well as at
+EOS (TRL ends them at one stop token).
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 import kernels
 from cai import prompting
-from cai.prompts import PromptRecord
+from cai.prompts import PromptRecord, select_prompts
 from engine import Engine, SamplingParams, profiling
 from engine import lora
 from engine.batch import PackedBatch, pack
-from engine.scoring import ScalarHead, hidden_states, segment_sum, token_logprobs
+from engine.errors import InputError
+from engine.scoring import ScalarHead, hidden_states, token_logprobs
 from engine.train import OptimConfig, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -49,10 +61,19 @@ class PPOConfig:
     """Rollout + update iterations."""
     prompts_per_iteration: int = 8
     """Prompts sampled per iteration (one response each)."""
+    helpful_fraction: float = 0.5
+    """Share of each iteration's prompts drawn from the helpfulness (benign) prompts, the rest
+    red-team; the paper's RL prompts are about half helpfulness prompts. 0 trains on red-team
+    prompts alone, which pushes the policy toward refusing everything."""
     max_new_tokens: int = 64
     """Response length limit of each rollout."""
+    missing_eos_penalty: float = -1.0
+    """Added to the preference score of a response cut by max_new_tokens (or the context)
+    before it reached EOS or a stop string, so the policy learns to finish its answers
+    (TRL's missing_eos_penalty, as a signed reward); 0 turns it off. Must be <= 0."""
     temperature: float = 1.0
-    """Rollout sampling temperature (1 samples the policy itself, as PPO assumes)."""
+    """Rollout sampling temperature (1 samples the policy itself, as PPO assumes); every
+    log-prob of the update is taken at this temperature too. Must be > 0."""
     ppo_epochs: int = 2
     """Passes over each iteration's rollouts."""
     minibatch_size: int = 4
@@ -84,7 +105,7 @@ class PPOConfig:
     reward_clip: float = 10.0
     """Clip preference scores to [-c, c] (0: off) so one outlier cannot dominate."""
     seed: int = 0
-    """Seeds the prompt order, the sampling and the new heads."""
+    """Seeds the prompt draws, the sampling and the new heads."""
     lr: float = 1e-4
     """Learning rate of the policy adapter and the value head."""
     max_grad_norm: float = 1.0
@@ -94,28 +115,75 @@ class PPOConfig:
     checkpoint_every: int = 1
     """Iterations between checkpoints."""
 
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"ppo temperature must be a finite number > 0 (the update's log-probs "
+                             f"are taken at it), got {self.temperature}")
+        if not 0.0 <= self.helpful_fraction <= 1.0:
+            raise InputError(f"ppo helpful_fraction must be in [0, 1], got {self.helpful_fraction}")
+        if not (math.isfinite(self.missing_eos_penalty) and self.missing_eos_penalty <= 0):
+            raise InputError(f"ppo missing_eos_penalty must be a finite number <= 0 (a penalty; 0 is off), "
+                             f"got {self.missing_eos_penalty}")
+
+
+class Samples(NamedTuple):
+    """One iteration's sampled responses, B of them.
+
+    prompt_ids  [B] token lists of the rendered prompts
+    responses   [B] token lists as sampled (up to EOS, a stop string or the length limit)
+    logprobs    [B] the sampler's log-probs of those tokens (at the sampling temperature)
+    """
+
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+
 
 class Rollout(NamedTuple):
-    """One iteration's experience; B sequences, T tokens packed, N = response tokens.
+    """One iteration's experience; B sequences, T tokens packed, N = kept response tokens.
 
-    batch       PackedBatch over prompt + response; the response tokens are its targets
-    old_lp      [N] log-probs of the response tokens under the policy that sampled them
+    batch       PackedBatch over prompt + response; the kept response tokens are its targets
+    seqs        [B] token lists, prompt + response as sampled
+    masks       [B] bool lists over seqs: True on the kept response tokens (up to and
+                including the EOS or the stop string's last token), False elsewhere
+    old_lp      [N] log-probs of the kept tokens under the policy that sampled them
+    sampler_lp  [N] the same as the sampler reported them
     ref_lp      [N] the same under the reference
-    values      [N] value estimates at the states that predict each response token
+    values      [N] value estimates at the states that predict each kept token
     advantages  [N] GAE advantages (whitened if configured)
     returns     [N] value targets (advantages + values, before whitening)
-    seq_of      [N] int64 the sequence each response token belongs to
-    scores      [B] preference-model scores of the responses
+    seq_of      [N] int64 the sequence each kept token belongs to
+    scores      [B] preference-model scores of the responses (clipped)
+    truncated   [B] bool: the response hit the length limit before EOS or a stop string
+    penalty     [B] the missing-EOS penalty added to each score (0 where it ended)
     """
 
     batch: PackedBatch
+    seqs: list[list[int]]
+    masks: list[list[bool]]
     old_lp: torch.Tensor
+    sampler_lp: torch.Tensor
     ref_lp: torch.Tensor
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
     seq_of: torch.Tensor
     scores: torch.Tensor
+    truncated: torch.Tensor
+    penalty: torch.Tensor
+
+
+def response_end(tokens: list[int], eos: set[int], stops: list[str],
+                 decode: Callable[[list[int]], str]) -> tuple[int, bool]:
+    """(tokens kept, whether the response ended): a response ends at its first EOS token or
+    at the token that completes its first stop string, which is kept (the policy learns to
+    end its turn there); one with neither was cut by the length limit and keeps every token.
+    The stop check reads the same window of recent tokens as the generator's."""
+    window = max((len(s) for s in stops), default=0) + 8
+    for i, t in enumerate(tokens):
+        if t in eos or (stops and any(s in decode(tokens[max(0, i + 1 - window) : i + 1]) for s in stops)):
+            return i + 1, True
+    return len(tokens), False
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, seq_of: torch.Tensor, num_seqs: int,
@@ -164,13 +232,19 @@ class PPOTrainer:
         self.model = engine.model
         self.ref_adapter = sft_adapter
         self.style = "chat" if getattr(engine.tokenizer, "chat_template", None) else "base"
+        self.stops = prompting.stop_strings(self.style)
+        self.eos = set(self.model.cfg.eos_token_id)  # the generator's EOS set
+        if getattr(engine.tokenizer, "eos_token_id", None) is not None:
+            self.eos.add(engine.tokenizer.eos_token_id)
         if "policy" not in lora.adapters(self.model):
             if sft_adapter is not None:
-                lora.copy_adapter(self.model, sft_adapter, "policy")
+                # copy_adapter draws an init that the copy then overwrites: keep that draw
+                # off the caller's global RNG
+                with torch.random.fork_rng(devices=[]):
+                    lora.copy_adapter(self.model, sft_adapter, "policy")
             else:
                 lora.add_adapter(self.model, "policy", seed=cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.value_head = ScalarHead(self.model.cfg.hidden_size)
+        self.value_head = self._new_value_head()
         self.policy = lora.get_adapter(self.model, "policy")
         self.params = {**{f"policy.{k}": p for k, p in self.policy.named_parameters()},
                        **{f"value_head.{k}": p for k, p in self.value_head.named_parameters()}}
@@ -180,57 +254,98 @@ class PPOTrainer:
         self.trainer = Trainer(self.params.values(), optim)
         self.kl = KLController(cfg)
         self.iteration = 0
+        self._builtin_helpful: list[PromptRecord] | None = None
+
+    def _new_value_head(self) -> ScalarHead:
+        """ScalarHead's init (normal, std 1/sqrt(H+1); zero bias) drawn from a local generator
+        on the model's device, so that building a trainer leaves the global RNG untouched."""
+        h, w = self.model.cfg.hidden_size, self.model.lm_head_weight
+        with torch.device("meta"):  # no init draws from the global RNG
+            head = ScalarHead(h)
+        head = head.to_empty(device=w.device).to(w.dtype)
+        g = torch.Generator(device=w.device).manual_seed(self.cfg.seed)
+        with torch.no_grad():
+            head.proj.weight.normal_(0.0, 1.0 / (h + 1) ** 0.5, generator=g)
+            head.proj.bias.zero_()
+        return head
+
+    # ---- prompts ------------------------------------------------------------------------
+    def helpful_before(self, iteration: int) -> int:
+        """Helpfulness prompts drawn by the first ``iteration`` iterations: the nearest whole
+        number to helpful_fraction of all their prompts, so every prefix of a run keeps the
+        proportion to within one prompt."""
+        return math.floor(self.cfg.helpful_fraction * self.cfg.prompts_per_iteration * iteration + 0.5)
+
+    def prompts_for(self, redteam: list[PromptRecord], helpful: list[PromptRecord] | None,
+                    iteration: int) -> tuple[list[PromptRecord], int]:
+        """Iteration ``iteration``'s prompts, red-team ones first, and how many helpfulness ones
+        follow them. Each kind is a seeded pass over its own set, reshuffled when it wraps
+        around; ``helpful`` None takes the train split of the built-in benign set."""
+        k, done = self.cfg.prompts_per_iteration, self.helpful_before(iteration)
+        n_help = self.helpful_before(iteration + 1) - done
+        if n_help and helpful is None:
+            if self._builtin_helpful is None:
+                self._builtin_helpful = select_prompts("benign", "train")
+            helpful = self._builtin_helpful
+        red = _cycle(redteam, iteration * k - done, k - n_help, f"{self.cfg.seed}", "red-team")
+        return red + _cycle(helpful or [], done, n_help, f"{self.cfg.seed}:helpful", "helpfulness"), n_help
 
     # ---- rollout ------------------------------------------------------------------------
-    def prompts_for(self, prompts: list[PromptRecord], iteration: int) -> list[PromptRecord]:
-        """A seeded pass over the prompts, reshuffled each time it wraps around."""
-        k, n = self.cfg.prompts_per_iteration, len(prompts)
-        out = []
-        for j in range(iteration * k, (iteration + 1) * k):
-            order = list(range(n))
-            random.Random(f"{self.cfg.seed}:{j // n}").shuffle(order)
-            out.append(prompts[order[j % n]])
-        return out
-
-    def rollout(self, prompts: list[PromptRecord], iteration: int) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    def rollout(self, prompts: list[PromptRecord], iteration: int) -> Samples:
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
         tok = self.eng.tokenizer
         ids = [tok(prompting.render(prompting.initial_prompt(c, self.style), tok), add_special_tokens=False)["input_ids"]
                for c in convs]
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
+                                stop=list(self.stops), seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
         with lora.use_adapter(self.model, "policy"), torch.inference_mode(), profiling.phase("cai.ppo.rollout"):
             outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
-        return ids, [o.samples[0].token_ids for o in outs], [o.text for o in outs]
+        return Samples(ids, [o.samples[0].token_ids for o in outs], [o.samples[0].logprobs for o in outs])
+
+    def _response_text(self, tokens: list[int]) -> str:
+        """What the preference model reads: the kept tokens, cut before a stop string."""
+        text = self.eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = [text.find(s) for s in self.stops if s in text]
+        return prompting.clean_response(text[: min(cut)] if cut else text)[0]
 
     @torch.inference_mode()
-    def experience(self, prompts, prompt_ids, responses, texts) -> Rollout:
-        """Scores, reference and old log-probs, values, rewards and advantages."""
-        seqs = [p + r for p, r in zip(prompt_ids, responses)]
-        masks = [[False] * len(p) + [True] * len(r) for p, r in zip(prompt_ids, responses)]
+    def experience(self, prompts: list[PromptRecord], samples: Samples) -> Rollout:
+        """Ends, scores, reference and old log-probs, values, rewards and advantages."""
+        ends = [response_end(r, self.eos, self.stops, self.eng.tokenizer.decode) for r in samples.responses]
+        kept = [n for n, _ in ends]
+        seqs = [p + r for p, r in zip(samples.prompt_ids, samples.responses)]
+        masks = [[False] * len(p) + [True] * n + [False] * (len(r) - n)
+                 for p, r, n in zip(samples.prompt_ids, samples.responses, kept)]
         batch = pack(seqs, masks)
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
         with profiling.phase("cai.ppo.score"):
-            scores = self.rm.score(convs, [prompting.clean_response(t)[0] for t in texts]).float()
+            texts = [self._response_text(r[:n]) for r, n in zip(samples.responses, kept)]
+            scores = self.rm.score(convs, texts).float()
         if self.cfg.reward_clip:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        truncated = torch.tensor([not ended for _, ended in ends])
+        # added after the clip: a cut response scores below a finished one of the same score
+        penalty = scores.new_tensor([self.cfg.missing_eos_penalty if t else 0.0 for t in truncated.tolist()])
+        temp = self.cfg.temperature
         with lora.use_adapter(self.model, self.ref_adapter), profiling.phase("cai.ppo.reference"):
-            ref_lp = token_logprobs(self.model, batch)[batch.target_rows]
+            ref_lp = token_logprobs(self.model, batch, temp)[batch.target_rows]
         with lora.use_adapter(self.model, "policy"):
             hidden = hidden_states(self.model, batch)
-            old_lp = token_logprobs(self.model, batch, hidden=hidden)[batch.target_rows]
+            old_lp = token_logprobs(self.model, batch, temp, hidden=hidden)[batch.target_rows]
             values = self.value_head(hidden.index_select(0, batch.target_rows))
-        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(r) for r in responses]))
+        sampler_lp = old_lp.new_tensor([x for lp, n in zip(samples.logprobs, kept) for x in lp[:n]])
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(kept))
         rewards = -self.kl.value * kernels.kl_penalty(old_lp, ref_lp, kind=self.cfg.kl_estimator)
-        last = torch.tensor([len(r) for r in responses]).cumsum(0) - 1
-        rewards[last] += scores
+        last = torch.tensor(kept).cumsum(0) - 1  # each response's last kept token
+        rewards[last] += scores + penalty
         adv, ret = gae(rewards, values, seq_of, len(seqs), self.cfg.gamma, self.cfg.lam)
         if self.cfg.whiten_advantages:
             adv = whiten(adv)
-        return Rollout(batch, old_lp, ref_lp, values, adv, ret, seq_of, scores)
+        return Rollout(batch, seqs, masks, old_lp, sampler_lp, ref_lp, values, adv, ret, seq_of, scores,
+                       truncated, penalty)
 
     # ---- update -------------------------------------------------------------------------
-    def update(self, ro: Rollout, seqs: list[list[int]], masks: list[list[bool]]) -> dict:
+    def update(self, ro: Rollout) -> dict:
         """``ppo_epochs`` passes of clipped policy + value loss over packed minibatches."""
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}:mb:{self.iteration}".encode()))
         sums: dict[str, float] = {}
@@ -238,20 +353,20 @@ class PPOTrainer:
         # The adapter stays in eval mode: LoRA dropout would make the first ratio differ
         # from 1 and add noise PPO's clipping then fights (RLHF recipes turn it off too).
         for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(len(seqs), generator=g).tolist()
+            order = torch.randperm(len(ro.seqs), generator=g).tolist()
             for k in range(0, len(order), self.cfg.minibatch_size):
                 chosen = sorted(order[k : k + self.cfg.minibatch_size])
-                for name, v in self._minibatch_step(ro, seqs, masks, chosen).items():
+                for name, v in self._minibatch_step(ro, chosen).items():
                     sums[name] = sums.get(name, 0.0) + v
                 steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
-    def _minibatch_step(self, ro: Rollout, seqs, masks, chosen: list[int]) -> dict:
+    def _minibatch_step(self, ro: Rollout, chosen: list[int]) -> dict:
         sel = torch.isin(ro.seq_of, torch.tensor(chosen))
-        batch = pack([seqs[i] for i in chosen], [masks[i] for i in chosen])
+        batch = pack([ro.seqs[i] for i in chosen], [ro.masks[i] for i in chosen])
         with lora.use_adapter(self.model, "policy"), profiling.phase("cai.ppo.train"):
             hidden = hidden_states(self.model, batch)
-            lp, ent = token_logprobs(self.model, batch, return_entropy=True, hidden=hidden)
+            lp, ent = token_logprobs(self.model, batch, self.cfg.temperature, return_entropy=True, hidden=hidden)
             values = self.value_head(hidden.index_select(0, batch.target_rows))
         rows = batch.target_rows
         lp, ent = lp[rows], ent[rows]
@@ -266,26 +381,34 @@ class PPOTrainer:
                 "value_clip_frac": float(val.clip_frac), "entropy": ent.detach().mean().item(), "grad_norm": stats["grad_norm"]}
 
     # ---- iterations, checkpoints ----------------------------------------------------------
-    def iterate(self, prompts: list[PromptRecord]) -> dict:
-        """One rollout + update iteration; returns its metrics."""
+    def iterate(self, prompts: list[PromptRecord], helpful: list[PromptRecord] | None = None) -> dict:
+        """One rollout + update iteration on red-team ``prompts`` mixed with ``helpful`` ones
+        (None: the built-in benign train split); returns its metrics."""
         t0 = time.perf_counter()
-        chosen = self.prompts_for(prompts, self.iteration)
-        prompt_ids, responses, texts = self.rollout(chosen, self.iteration)
+        chosen, n_help = self.prompts_for(prompts, helpful, self.iteration)
+        samples = self.rollout(chosen, self.iteration)
         t1 = time.perf_counter()
-        ro = self.experience(chosen, prompt_ids, responses, texts)
-        seqs = [p + r for p, r in zip(prompt_ids, responses)]
-        masks = [[False] * len(p) + [True] * len(r) for p, r in zip(prompt_ids, responses)]
+        ro = self.experience(chosen, samples)
         t2 = time.perf_counter()
-        train = self.update(ro, seqs, masks)
+        train = self.update(ro)
         t3 = time.perf_counter()
-        kl_seq = segment_sum(ro.old_lp - ro.ref_lp, torch.tensor([0] + [len(r) for r in responses]).cumsum(0))
+        n = len(ro.seqs)
+        diff = ro.old_lp - ro.ref_lp
+        kl_seq = diff.new_zeros(n).index_add(0, ro.seq_of.to(diff.device), diff)
         beta = self.kl.value
-        self.kl.update(float(kl_seq.mean()), len(seqs))
+        self.kl.update(float(kl_seq.mean()), n)
         self.iteration += 1
-        n_tokens = sum(len(s) for s in seqs)
-        return {"iteration": self.iteration, "reward_mean": float(ro.scores.mean()),
-                "reward_std": float(ro.scores.std(unbiased=False)), "kl": float(kl_seq.mean()), "kl_coef": beta,
-                "response_len": sum(map(len, responses)) / len(responses), **train,
+        n_tokens = sum(len(s) for s in ro.seqs)
+        scores = ro.scores.cpu()
+        by_kind = {"reward_redteam": scores[: n - n_help], "reward_helpful": scores[n - n_help :]}
+        return {"iteration": self.iteration, "reward_mean": float(scores.mean()),
+                "reward_std": float(scores.std(unbiased=False)),
+                **{k: float(v.mean()) if v.numel() else None for k, v in by_kind.items()},
+                "helpful_prompts": n_help, "kl": float(kl_seq.mean()), "kl_coef": beta,
+                "response_len": len(ro.seq_of) / n, "truncated": int(ro.truncated.sum()),
+                "eos_penalty": float(ro.penalty.sum()),
+                "sampler_lp_gap": float((ro.old_lp - ro.sampler_lp).abs().max()) if len(ro.seq_of) else 0.0,
+                **train,
                 "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2, "iteration_s": t3 - t0,
                 "tokens_per_s": n_tokens * (1 + self.cfg.ppo_epochs) / (t3 - t0),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -314,9 +437,12 @@ class PPOTrainer:
 
 
 def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PPOConfig,
-              sft_adapter: str | None = "sft", out: str | Path | None = None, progress: bool = False) -> list[dict]:
-    """Run ``cfg.iterations`` PPO iterations; with ``out``: metrics.jsonl, checkpoints (resumed
-    from), and the exported policy adapter. Returns the metrics of the iterations run now."""
+              sft_adapter: str | None = "sft", out: str | Path | None = None, progress: bool = False,
+              helpful_prompts: list[PromptRecord] | None = None) -> list[dict]:
+    """Run ``cfg.iterations`` PPO iterations on red-team ``prompts`` mixed with
+    ``helpful_prompts`` (None: the train split of the built-in benign set) in the proportion
+    ``cfg.helpful_fraction``; with ``out``: metrics.jsonl, checkpoints (resumed from), and the
+    exported policy adapter. Returns the metrics of the iterations run now."""
     ppo = PPOTrainer(engine, reward_model, cfg, sft_adapter)
     out = Path(out) if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None else None
@@ -334,7 +460,7 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
     log = []
     try:
         while ppo.iteration < cfg.iterations:
-            rec = ppo.iterate(prompts)
+            rec = ppo.iterate(prompts, helpful_prompts)
             log.append(rec)
             if metrics_path is not None:
                 with metrics_path.open("a") as f:
@@ -359,3 +485,17 @@ def _truncate(path: Path, iteration: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration]
         path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _cycle(pool: list[PromptRecord], start: int, count: int, seed: str, kind: str) -> list[PromptRecord]:
+    """Items ``start .. start+count`` of endless seeded passes over ``pool``, each pass a new
+    shuffle (a pure function of the seed, so a resumed run draws the same prompts)."""
+    if count and not pool:
+        raise InputError(f"ppo: no {kind} prompts to draw from (set helpful_fraction to "
+                         f"{'0' if kind == 'helpfulness' else '1'} or give some)")
+    out, n = [], len(pool)
+    for j in range(start, start + count):
+        order = list(range(n))
+        random.Random(f"{seed}:{j // n}").shuffle(order)
+        out.append(pool[order[j % n]])
+    return out
