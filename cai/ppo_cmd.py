@@ -2,6 +2,8 @@
 
 Needs the SFT adapter (`cai sft --out DIR` writes DIR/adapter) for the initial policy and
 the KL reference, and the preference model (`cai pm --out DIR` writes DIR/reward).
+Each iteration mixes red-team prompts (--prompts) with helpfulness prompts
+(--helpful-prompts) in the proportion --helpful-fraction.
 Re-running the same command resumes from the last checkpoint in --out.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ def register(sub) -> None:
                    help="SFT adapter folder: the initial policy and the KL reference (default: the base itself)")
     p.add_argument("--reward", required=True, help="preference model folder written by `cai pm` (DIR/reward)")
     add_prompt_flags(p)
+    p.add_argument("--helpful-prompts", default="benign",
+                   help="helpfulness prompts mixed into the red-team ones: 'benign' (its train split) or a file")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, policy/, peft/")
     add_dataclass_flags(p, PPOConfig)
     p.set_defaults(func=run)
@@ -35,13 +39,17 @@ def run(args) -> int:
 
     cfg = dataclass_from_args(PPOConfig, args)
     prompts = select_prompts(args.prompts, args.split, args.limit)
+    helpful = select_prompts(args.helpful_prompts, "train") if cfg.helpful_fraction > 0 else []
     eng = Engine.load(args.model, max_slots=cfg.max_slots)
     sft = load_policy(eng, args.sft_adapter)
     reward = load_reward_model(eng, args.reward)
-    log = train_ppo(eng, reward, prompts, cfg, sft_adapter=sft, out=args.out, progress=True)
+    log = train_ppo(eng, reward, prompts, cfg, sft_adapter=sft, out=args.out, progress=True,
+                    helpful_prompts=helpful)
     for rec in log:
         print(f"iteration {rec['iteration']}: reward {rec['reward_mean']:.3f} ± {rec['reward_std']:.3f}, "
               f"KL {rec['kl']:.3f}, entropy {rec['entropy']:.2f}, clip {rec['clip_frac']:.3f}, "
+              f"{rec['helpful_prompts']} helpfulness prompts, {rec['truncated']} cut at max_new_tokens "
+              f"(penalty {rec['eos_penalty']:.2f}), "
               f"{rec['iteration_s']:.1f} s (generate {rec['generate_s']:.1f} / score {rec['score_s']:.1f} / "
               f"train {rec['train_s']:.1f}), peak RSS {rec['peak_rss_mb']:.0f} MB")
     return 0
