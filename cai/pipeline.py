@@ -70,7 +70,7 @@ class RunConfig:
     redteam_prompts: str = "redteam"
     """Red-team prompts for SL-CAI, labels and PPO (train split of a built-in set)."""
     helpful_prompts: str = "benign"
-    """Benign prompts: helpful SFT samples and helpfulness labels (train split)."""
+    """Benign prompts: helpful SFT samples, helpfulness labels and PPO's helpfulness prompts (train split)."""
     sl_prompts: int = 64
     """Red-team prompts revised by SL-CAI."""
     helpful_samples: int = 32
@@ -251,8 +251,13 @@ class Pipeline:
         from cai.ppo import train_ppo
 
         prompts = self._prompts(self.cfg.redteam_prompts, self.cfg.sl_prompts, self.cfg.label_prompts)
+        # the helpfulness prompts the labels used (those after the SFT samples; as many as the
+        # red-team ones when no benign pair was labelled), as the red-team ones above
+        helpful = self._prompts(self.cfg.helpful_prompts, self.cfg.helpful_samples,
+                                self.cfg.label_helpful_prompts or self.cfg.label_prompts)
         reward = load_reward_model(self.eng, self.out / "pm" / "reward")
-        log = train_ppo(self.eng, reward, prompts, self.cfg.ppo, sft_adapter=sft, out=self.out / "ppo", progress=True)
+        log = train_ppo(self.eng, reward, prompts, self.cfg.ppo, sft_adapter=sft, out=self.out / "ppo", progress=True,
+                        helpful_prompts=helpful)
         return _scalars(log[-1]) if log else {}
 
     def stage_eval(self) -> dict:

@@ -98,6 +98,9 @@ def test_killed_run_resumes_to_the_same_records(tiny_model_dir, tmp_path):
     for f in ("report.md", "eval/eval.json", "elo.png", "training_curves.png", "ppo/policy", "pm/reward",
               "sft/adapter", "config.yaml"):
         assert (cut / f).exists(), f
+    # PPO drew red-team and helpfulness prompts half and half (ppo.helpful_fraction's default)
+    ppo_lines = [json.loads(x) for x in (full / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["helpful_prompts"] for r in ppo_lines] == [1, 1]
     # the resumed folder holds the same records as the uninterrupted one
     assert sorted((cut / "sl.jsonl").read_text().splitlines()) == sorted((full / "sl.jsonl").read_text().splitlines())
 
