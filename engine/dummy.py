@@ -30,7 +30,7 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "
 SHAPES: dict[str, dict] = {
     "tiny": dict(model_type="llama", vocab_size=0, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
+                 max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0),
     # HuggingFaceTB/SmolLM2-135M(-Instruct)
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
