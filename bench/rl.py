@@ -179,7 +179,6 @@ def worker_ppo_engine(args) -> dict:
 def worker_ppo_trl(args) -> dict:
     import logging
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -317,7 +316,6 @@ def worker_dpo_engine(args) -> dict:
 def worker_dpo_trl(args) -> dict:
     import logging
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
