@@ -1,22 +1,32 @@
-"""Generation throughput: the engine against transformers' ``generate``, side by side.
+"""Generation throughput: the engine against transformers' ``generate`` (and vLLM, when it
+is importable), side by side.
 
-Both run greedy decoding of the same chat prompts in this process, on the same weights,
+All run greedy decoding of the same chat prompts in this process, on the same weights,
 with EOS ignored so every row makes ``--new-tokens`` tokens. transformers pads the batch
 on the left (its documented way to batch decoder-only generation); the engine packs.
 
-Floors: at batch 1 a decode step must read every weight once, so the machine's measured
-read bandwidth over the weight bytes bounds tokens/s; at large batch the float32 GEMM rate
-over 2 x parameters FLOPs per token bounds it.
+Floors: at batch 1 a decode step must read every weight once, so read bandwidth over the
+weight bytes bounds tokens/s; at large batch the GEMM rate over 2 x parameters FLOPs per
+token bounds it. On the CPU both rates are measured here; on CUDA they are the device's
+data-sheet peaks (``bench.device``), and each side's achieved GB/s and TFLOP/s (weights and
+KV cache read per decode step; 2 x parameters FLOPs per token) are reported beside them.
 
     python -m bench.generate [--batch-sizes 1,8,32] [--new-tokens 64] [--model default]
+                             [--device auto|cpu|cuda] [--tiny]
+
+``--model dummy:<shape>`` (tiny, smollm2-135m, llama-1b, llama-8b) or a config.json runs
+random weights of that shape; ``--tiny`` is a seconds-long run on ``dummy:tiny``.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 
-from bench.common import PeakRSS, emit_json, machine, matmul_peak_gflops, memory_bandwidth_gbs, print_table, timer
+from bench import device as dev
+from bench.common import PeakRSS, emit_json, machine, matmul_peak_gflops, memory_bandwidth_gbs, print_table
+from bench.peers import hf_causal_lm, hf_folder, hf_tokenizer
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.", "Explain how a refrigerator works.",
@@ -35,35 +45,84 @@ def chat_prompts(n: int) -> list[list[dict]]:
             for i in range(n)]
 
 
-def run_engine(eng, prompts, new_tokens: int):
+class Memory:
+    """Peak memory of a block: the CUDA allocator's high-water mark on CUDA, else RSS growth."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.rss = device, PeakRSS()
+
+    def __enter__(self):
+        dev.peak_memory_reset(self.device)
+        self.rss.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.rss.__exit__(*exc)
+        cuda = dev.peak_memory_mb(self.device)
+        self.peak_mb = cuda if cuda is not None else self.rss.peak_mb
+
+
+def run_engine(eng, prompts, new_tokens: int, device):
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    with PeakRSS() as mem, timer() as t:
-        outs = eng.generate(prompts, params, max_slots=len(prompts))
-    return t(), mem.peak_mb, [o.samples[0].token_ids for o in outs]
+    with Memory(device) as mem:
+        dt, outs = dev.timed(lambda: eng.generate(prompts, params, max_slots=len(prompts)), device)
+    return dt, mem.peak_mb, [o.samples[0].token_ids for o in outs]
 
 
-def run_hf(hf, tok, prompts, new_tokens: int):
+def run_hf(hf, tok, prompts, new_tokens: int, device):
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode(), PeakRSS() as mem, timer() as t:
-        out = hf.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    with torch.inference_mode(), Memory(device) as mem:
+        dt, out = dev.timed(lambda: hf.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                do_sample=False), device)
     width = batch["input_ids"].shape[1]
-    return t(), mem.peak_mb, [row[width:].tolist() for row in out]
+    return dt, mem.peak_mb, [row[width:].tolist() for row in out]
 
 
-def load_hf(folder):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+def load_hf(eng, dtype, device):
+    """transformers' model on the engine's weights, set to ignore EOS, and a left-padding tokenizer."""
+    hf = hf_causal_lm(eng, dtype, device)
     hf.generation_config.eos_token_id = None  # ignore EOS: every row makes all its tokens
-    hf.generation_config.pad_token_id = 0
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = hf_tokenizer(eng, "left")
+    hf.generation_config.pad_token_id = tok.pad_token_id
     return hf, tok
+
+
+class VLLM:
+    """vLLM's offline ``LLM`` on the same shape (a dummy shape gets vLLM's own random
+    weights: the same bytes to read, other values), when vLLM is importable."""
+
+    def __init__(self, eng, dtype, tmp):
+        import vllm
+
+        folder = hf_folder(eng, tmp, weights=not eng.source.startswith("dummy:") and not eng.source.endswith(".json"))
+        fmt = "auto" if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) else "dummy"
+        self.llm = vllm.LLM(model=str(folder), load_format=fmt, dtype=str(dtype).split(".")[-1],
+                            gpu_memory_utilization=0.3, seed=0)
+        self.vllm, self.tok = vllm, eng.tokenizer
+
+    def run(self, prompts, new_tokens: int, device):
+        ids = [self.tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
+        params = self.vllm.SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+        dt, _ = dev.timed(lambda: self.llm.generate([{"prompt_token_ids": list(x)} for x in ids], params,
+                                                    use_tqdm=False), device)
+        return dt
+
+
+def load_vllm(eng, dtype, device, tmp):
+    """A VLLM peer, None when vLLM is not importable or not on CUDA, or the error it raised."""
+    if device.type != "cuda":
+        return None
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        return VLLM(eng, dtype, tmp)
+    except Exception as exc:  # an optional peer: its failure is reported, not fatal
+        return f"{type(exc).__name__}: {exc}"
 
 
 def weight_bytes(model) -> int:
@@ -72,55 +131,114 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def main(argv=None) -> dict:
+def decode_work(eng, batch: int, prompt_len: float, new_tokens: int) -> tuple[float, float]:
+    """(bytes read, FLOPs) of generating ``new_tokens`` for ``batch`` rows of ``prompt_len``
+    prompt tokens: every decode step reads the weights once and each row's KV cache so far;
+    every token costs 2 x parameters FLOPs (the prompt's too)."""
+    cfg, el = eng.cfg, eng.model.embed.element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * el
+    kv = batch * kv_per_token * sum(prompt_len + t for t in range(new_tokens))
+    n_params = sum(p.numel() for p in eng.model.parameters())
+    return new_tokens * weight_bytes(eng.model) + kv, 2 * n_params * batch * (prompt_len + new_tokens)
+
+
+def floors(eng, device, tiny: bool) -> dict:
+    """Batch-1 floor and compute ceiling in tokens/s, from measured (CPU) or data-sheet (CUDA) rates."""
+    n_params = sum(p.numel() for p in eng.model.parameters())
+    if device.type == "cuda":
+        peak = dev.peaks(device)
+        if peak is None:
+            return {}
+        bw, gflops = peak["bandwidth_gbs"], peak["tflops"] * 1e3
+    else:
+        bw = memory_bandwidth_gbs(64 if tiny else 1024, 2 if tiny else 5)
+        gflops = matmul_peak_gflops(*((256, 64, 256) if tiny else ()))
+    return {"bandwidth_gbs": round(bw, 2), "gflops": round(gflops, 1),
+            "floor_tok_s_b1": round(bw * 1e9 / weight_bytes(eng.model), 2),
+            "compute_ceiling_tok_s": round(gflops * 1e9 / (2 * n_params), 1)}
+
+
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
-    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
-    ap.add_argument("--model", default="default", help="model folder, .gguf file, or 'default'")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 1,8,32; tiny 1,2)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 64; tiny 4)")
+    dev.add_device_args(ap)
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long run: dummy:tiny unless --model is given")
+    ap.add_argument("--no-vllm", action="store_true", help="leave vLLM out even when it is importable")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.tiny and args.model == "default":
+        args.model = "dummy:tiny"
+    args.batch_sizes = args.batch_sizes or ("1,2" if args.tiny else "1,8,32")
+    args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
+    return args
+
+
+def measure(eng, peers, b: int, new_tokens: int, device, dtype, peak) -> tuple[dict, list, tuple]:
+    """One batch size: every side's tokens/s, peak memory and achieved rates; the table row;
+    the greedy ids of the engine and transformers."""
+    prompts = chat_prompts(b)
+    e_s, e_mb, e_ids = run_engine(eng, prompts, new_tokens, device)
+    h_s, h_mb, h_ids = run_hf(*peers["hf"], prompts, new_tokens, device)
+    e_tps, h_tps = b * new_tokens / e_s, b * new_tokens / h_s
+    res = {"engine_tok_s": round(e_tps, 2), "hf_tok_s": round(h_tps, 2), "ratio": round(e_tps / h_tps, 2),
+           "engine_peak_mb": round(e_mb, 1), "hf_peak_mb": round(h_mb, 1)}
+    plen = sum(len(eng.encode(p)) for p in prompts) / b
+    nbytes, flops = decode_work(eng, b, plen, new_tokens)
+    res["engine"] = dev.achieved(nbytes, flops, e_s, peak, dtype)
+    res["hf"] = dev.achieved(nbytes, flops, h_s, peak, dtype)
+    row = [b, e_tps, h_tps, e_tps / h_tps, e_mb, h_mb]
+    if isinstance(peers.get("vllm"), VLLM):
+        v_s = peers["vllm"].run(prompts, new_tokens, device)
+        res["vllm_tok_s"] = round(b * new_tokens / v_s, 2)
+        res["vllm"] = dev.achieved(nbytes, flops, v_s, peak, dtype)
+    return res, row + [res.get("vllm_tok_s", "")], (e_ids, h_ids)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from engine import Engine
-
+    device = dev.resolve_device(args.device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    eng = Engine.load(args.model)
-    hf, tok = load_hf(eng.source)
-    run_engine(eng, chat_prompts(2), 4)  # warm both paths up once
-    run_hf(hf, tok, chat_prompts(2), 4)
+    eng = dev.load_engine(args.model, device)
+    dtype = eng.model.embed.dtype
+    tmp = tempfile.TemporaryDirectory()
+    peers = {"hf": load_hf(eng, dtype, device), "vllm": None if args.no_vllm else load_vllm(eng, dtype, device, tmp.name)}
+    run_engine(eng, chat_prompts(2), 4, device)  # warm both paths up once
+    run_hf(*peers["hf"], chat_prompts(2), 4, device)
+    peak = dev.peaks(device)
 
     results, rows, match = {}, [], True
     for b in sizes:
-        prompts = chat_prompts(b)
-        e_s, e_mb, e_ids = run_engine(eng, prompts, args.new_tokens)
-        h_s, h_mb, h_ids = run_hf(hf, tok, prompts, args.new_tokens)
+        results[str(b)], row, (e_ids, h_ids) = measure(eng, peers, b, args.new_tokens, device, dtype, peak)
+        rows.append(row)
         if b == 1:
             match &= e_ids == h_ids
-        e_tps, h_tps = b * args.new_tokens / e_s, b * args.new_tokens / h_s
-        results[str(b)] = {"engine_tok_s": round(e_tps, 2), "hf_tok_s": round(h_tps, 2), "ratio": round(e_tps / h_tps, 2),
-                           "engine_peak_mb": round(e_mb, 1), "hf_peak_mb": round(h_mb, 1)}
-        rows.append([b, e_tps, h_tps, e_tps / h_tps, e_mb, h_mb])
     # Greedy parity outside the timed runs: the engine's rows inside a batch against
     # transformers one prompt at a time (unpadded, so its own numerics are not in question).
     probe = chat_prompts(max(sizes))
-    _, _, batched = run_engine(eng, probe, args.new_tokens)
+    _, _, batched = run_engine(eng, probe, args.new_tokens, device)
     for i in range(min(3, len(probe))):
-        match &= batched[i] == run_hf(hf, tok, [probe[i]], args.new_tokens)[2][0]
+        match &= batched[i] == run_hf(*peers["hf"], [probe[i]], args.new_tokens, device)[2][0]
 
-    bw = memory_bandwidth_gbs()
-    floor_b1 = bw * 1e9 / weight_bytes(eng.model)
-    gflops = matmul_peak_gflops()
+    fl = floors(eng, device, args.tiny)
     n_params = sum(p.numel() for p in eng.model.parameters())
-    ceiling = gflops * 1e9 / (2 * n_params)
-    print(f"model {eng.source}  params {n_params / 1e6:.1f}M  float32  {machine()}")
-    print(f"read bandwidth {bw:.1f} GB/s -> batch-1 floor {floor_b1:.1f} tok/s; "
-          f"GEMM {gflops:.0f} GFLOP/s -> compute ceiling {ceiling:.0f} tok/s")
-    print_table(["batch", "engine tok/s", "hf tok/s", "ratio", "engine peak MB", "hf peak MB"], rows)
+    print(f"model {eng.source}  params {n_params / 1e6:.1f}M  {str(dtype).split('.')[-1]}  "
+          f"device {dev.device_name(device)}  {machine()}")
+    if fl:
+        print(f"bandwidth {fl['bandwidth_gbs']:.1f} GB/s -> batch-1 floor {fl['floor_tok_s_b1']:.1f} tok/s; "
+              f"GEMM {fl['gflops']:.0f} GFLOP/s -> compute ceiling {fl['compute_ceiling_tok_s']:.0f} tok/s")
+    print_table(["batch", "engine tok/s", "hf tok/s", "ratio", "engine peak MB", "hf peak MB", "vllm tok/s"], rows)
     b1 = results.get("1", {}).get("engine_tok_s")
-    summary = {"batch": results, "greedy_match": bool(match), "floor_tok_s_b1": round(floor_b1, 2),
-               "floor_fraction_b1": round(b1 / floor_b1, 3) if b1 else None,
-               "compute_ceiling_tok_s": round(ceiling, 1), "bandwidth_gbs": round(bw, 2), **machine()}
+    vllm = peers["vllm"]
+    summary = {"model": eng.source, "device": dev.device_name(device), "dtype": str(dtype).split(".")[-1],
+               "params": n_params, "batch": results, "greedy_match": bool(match), **fl,
+               "floor_fraction_b1": round(b1 / fl["floor_tok_s_b1"], 3) if b1 and fl else None,
+               "peak": peak, "vllm": "ran" if isinstance(vllm, VLLM) else (vllm or "not importable or not on CUDA"),
+               **machine()}
     print(f"greedy token ids identical to transformers': {match}")
+    tmp.cleanup()
     emit_json(summary)
     return summary
 

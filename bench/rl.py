@@ -42,7 +42,14 @@ The two sides' option log-probs are compared (max abs difference reported).
 
     python -m bench.rl [--skip-ppo] [--skip-dpo] [--skip-label] [--ppo-prompts 8]
                        [--new-tokens 64] [--dpo-batch 4] [--dpo-len 256] [--label-n 32]
-                       [--threads N]
+                       [--threads N] [--model default] [--device auto|cpu|cuda] [--tiny]
+
+``--model dummy:<shape>`` or a config.json runs random weights of that shape (the peers get
+the same weights through a temporary checkpoint folder); ``--tiny`` runs every part on
+``dummy:tiny`` at a few tokens, to check the benchmark end to end. On CUDA every side runs
+on the device in bfloat16, and the DPO step and the labelling report achieved TFLOP/s
+(LoRA training: 4 x parameters FLOPs per token, the frozen weights get no gradient;
+scoring: 2 x parameters per token) against the device's bfloat16 peak.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ LORA = dict(rank=16, alpha=32.0, dropout=0.05)
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PPO = dict(epochs=2, minibatch=4, lr=1e-4, kl=0.05, clip=0.2, vclip=0.2, vf=0.1, gamma=1.0, lam=0.95)
 DPO_BETA, DPO_LR = 0.1, 5e-5
+TINY = dict(ppo_prompts=4, new_tokens=4, dpo_batch=2, dpo_len=320, dpo_steps=1, label_n=4)  # dummy:tiny reads bytes: a prompt is ~200 tokens
 
 
 def _loadavg() -> str:
@@ -68,6 +76,53 @@ def _loadavg() -> str:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device(args):
+    from bench.device import resolve_device
+
+    return resolve_device(args.device)
+
+
+def _dtype(args):
+    from bench.device import default_dtype
+
+    return default_dtype(_device(args))
+
+
+def _engine(args):
+    from bench.device import load_engine
+
+    return load_engine(args.model, _device(args))
+
+
+def _peer_folder(args, tmp: str) -> str:
+    """A transformers checkpoint folder of the benchmarked model, for TRL to load."""
+    from bench.peers import hf_folder
+
+    eng = _engine(args)
+    try:
+        return str(hf_folder(eng, tmp))
+    finally:
+        del eng  # the peer loads its own copies: no engine kept
+
+
+def _trl_precision(args) -> dict:
+    cuda = _device(args).type == "cuda"
+    return dict(bf16=cuda, fp16=False, use_cpu=not cuda)
+
+
+def _rate(eng, flops: float, seconds: float, args) -> dict:
+    """Achieved TFLOP/s of ``flops`` per parameter in ``seconds`` (and its fraction of a
+    known CUDA device's bfloat16 peak)."""
+    from bench.device import peaks
+
+    n = sum(p.numel() for p in eng.model.parameters())
+    out = {"tflops": round(flops * n / seconds / 1e12, 5)}
+    peak = peaks(_device(args))
+    if peak is not None and eng.model.embed.element_size() == 2:
+        out["flops_fraction"] = round(out["tflops"] / peak["tflops"], 4)
+    return out
 
 
 class Clock:
@@ -100,10 +155,10 @@ def worker_ppo_engine(args) -> dict:
     from cai.pm import RewardModel, new_head
     from cai.ppo import PPOConfig, PPOTrainer
     from cai.prompts import load_prompts
-    from engine import Engine, lora
+    from engine import lora
 
     floor = _peak_mb()
-    eng = Engine.load("default")
+    eng = _engine(args)
     lora.add_adapter(eng.model, "sft", seed=0)
     lora.add_adapter(eng.model, "reward", seed=1)
     rm = RewardModel(eng, new_head(eng.model, 1), "reward", chat=True)
@@ -124,18 +179,16 @@ def worker_ppo_engine(args) -> dict:
 def worker_ppo_trl(args) -> dict:
     import logging
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                               TrainerCallback)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from engine import Engine
-
     logging.getLogger("transformers").setLevel(logging.ERROR)
     floor = _peak_mb()
-    source = Engine.load("default").source  # the converted folder (cached): no second engine kept
+    tmp = tempfile.TemporaryDirectory()
+    source = _peer_folder(args, tmp.name)
     tok = AutoTokenizer.from_pretrained(source, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -143,10 +196,10 @@ def worker_ppo_trl(args) -> dict:
     data = Dataset.from_list([{"input_ids": x} for x in ids])
 
     def causal():
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(args), attn_implementation="sdpa")
 
     def scalar():
-        m = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32,
+        m = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=_dtype(args),
                                                                attn_implementation="sdpa")
         m.config.pad_token_id = tok.pad_token_id
         return m
@@ -172,7 +225,7 @@ def worker_ppo_trl(args) -> dict:
             response_length=args.new_tokens, temperature=1.0, stop_token="eos", learning_rate=PPO["lr"],
             kl_coef=PPO["kl"], kl_estimator="k1", cliprange=PPO["clip"], cliprange_value=PPO["vclip"],
             vf_coef=PPO["vf"], gamma=PPO["gamma"], lam=PPO["lam"], whiten_rewards=False,
-            num_sample_generations=0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+            num_sample_generations=0, **_trl_precision(args), gradient_checkpointing=False,
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
             lr_scheduler_type="constant", dataloader_num_workers=0)
         trainer = PPOTrainer(args=cfg, processing_class=tok, model=causal(), ref_model=None, reward_model=scalar(),
@@ -180,6 +233,7 @@ def worker_ppo_trl(args) -> dict:
                              callbacks=[timer])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
+    tmp.cleanup()
     (w0, c0, _), (w1, c1, _), (w2, c2, _) = timer.marks[:3]
     return {"iter_s": w2 - w1, "cpu_s": c2 - c1, "warmup_s": w1 - w0, "peak_mb": _peak_mb(), "floor_mb": floor,
             "trainable_params": trainable}
@@ -220,71 +274,57 @@ def dpo_records(tok, n: int, length: int) -> list[dict]:
 
 
 def worker_dpo_engine(args) -> dict:
-    import cai.dpo as dpo
-    from cai.dpo import DPOConfig, train_dpo
-    from engine import Engine, lora
+    """Times come from the metrics ``train_dpo`` writes per step (``step_s``, ``cpu_s``); the
+    reference pass, which ``train_dpo`` runs once before its first step, is timed as a
+    separate call of the public ``cai.dpo.reference_logprobs`` on the same pairs."""
+    from cai.dpo import DPOConfig, reference_logprobs, train_dpo
+    from cai.pairs import as_pairs, encode_pairs, pair_batches
+    from engine import lora
     from engine.lora import LoraConfig
     from engine.train import OptimConfig
 
     floor = _peak_mb()
-    eng = Engine.load("default")
+    eng = _engine(args)
     lora.add_adapter(eng.model, "sft", LoraConfig(**LORA), seed=0)
     steps = 1 + args.dpo_steps
     recs = dpo_records(eng.tokenizer, args.dpo_batch * steps, args.dpo_len)
-    ref_clock = []
-    inner = dpo.reference_logprobs
-    from cai.pairs import as_pairs, encode_pairs
-
+    budget = 2 * args.dpo_len * args.dpo_batch
+    encoded = encode_pairs(eng, as_pairs(recs))
+    # Every step must hold --dpo-batch pairs: the grouping train_dpo makes without shuffling.
+    groups = pair_batches(encoded, range(len(encoded)), budget, shuffle=False, seed=0,
+                          max_seqlen=eng.cfg.max_position_embeddings, names=[f"pair {i}" for i in range(len(encoded))])
+    assert all(len(b.index) == 2 * args.dpo_batch for b in groups), [len(b.index) // 2 for b in groups]
     # Warm-up forward (first-call allocations and kernel setup), as TRL's warm-up step has.
-    inner(eng.model, encode_pairs(eng, as_pairs(recs[:args.dpo_batch])), "sft", 2 * args.dpo_len * args.dpo_batch)
-
-    def timed_reference(*a, **k):
-        with Clock() as c:
-            out = inner(*a, **k)
-        ref_clock.append(c)
-        return out
-
-    dpo.reference_logprobs = timed_reference
-    import cai.pairs as pairs
-
-    step_cpu, inner_step = [], pairs._timed_step
-
-    def cpu_timed_step(*a, **k):
-        c = time.process_time()
-        out = inner_step(*a, **k)
-        step_cpu.append(time.process_time() - c)
-        return out
-
-    pairs._timed_step = cpu_timed_step
-    cfg = DPOConfig(beta=DPO_BETA, soft_labels=False, max_tokens_per_batch=2 * args.dpo_len * args.dpo_batch,
-                    shuffle=False, checkpoint_every=10**9, lora=LoraConfig(**LORA),
+    reference_logprobs(eng.model, encoded[:args.dpo_batch], "sft", budget)
+    with Clock() as ref:
+        reference_logprobs(eng.model, encoded, "sft", budget)
+    cfg = DPOConfig(beta=DPO_BETA, soft_labels=False, max_tokens_per_batch=budget, shuffle=False,
+                    checkpoint_every=10**9, lora=LoraConfig(**LORA),
                     optim=OptimConfig(lr=DPO_LR, warmup_steps=0, schedule="constant", max_grad_norm=1.0))
     with tempfile.TemporaryDirectory() as out:
         train_dpo(eng, recs, cfg, "sft", out, resume=False)
         log = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
-    assert all(r["pairs"] == args.dpo_batch for r in log), [r["pairs"] for r in log]
     timed = log[1:]
-    ref = ref_clock[0]
     step = sum(r["step_s"] for r in timed) / len(timed)
-    cpu = sum(step_cpu[1:]) / len(timed) + ref.cpu / len(log)
+    cpu = sum(r["cpu_s"] for r in timed) / len(timed) + ref.cpu / len(log)
+    tokens = sum(r["tokens"] for r in timed) / len(timed)
     return {"step_s": step + ref.wall / len(log), "cpu_s": cpu, "train_step_s": step, "ref_s": ref.wall, "steps": len(log),
-            "tokens_per_step": sum(r["tokens"] for r in timed) / len(timed), "peak_mb": _peak_mb(), "floor_mb": floor}
+            "tokens_per_step": tokens, "peak_mb": _peak_mb(), "floor_mb": floor,
+            "train_rate": _rate(eng, 4 * tokens, step, args)}
 
 
 def worker_dpo_trl(args) -> dict:
     import logging
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from engine import Engine
-
     logging.getLogger("transformers").setLevel(logging.ERROR)
     floor = _peak_mb()
-    source = Engine.load("default").source
+    tmp = tempfile.TemporaryDirectory()
+    source = _peer_folder(args, tmp.name)
     tok = AutoTokenizer.from_pretrained(source)
     steps = 1 + args.dpo_steps
     recs = dpo_records(tok, args.dpo_batch * steps, args.dpo_len)
@@ -302,19 +342,20 @@ def worker_dpo_trl(args) -> dict:
             self.times.append((time.perf_counter() - self.t0[0], time.process_time() - self.t0[1]))
 
     timer = StepTimer()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(args), attn_implementation="sdpa")
     peft_cfg = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=PEFT_TARGETS, task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.dpo_batch, gradient_accumulation_steps=1,
                         max_length=4 * args.dpo_len, beta=DPO_BETA, learning_rate=DPO_LR, lr_scheduler_type="constant",
-                        warmup_steps=0, max_grad_norm=1.0, max_steps=steps, bf16=False, fp16=False,
-                        gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+                        warmup_steps=0, max_grad_norm=1.0, max_steps=steps, **_trl_precision(args),
+                        gradient_checkpointing=False, report_to="none", save_strategy="no",
                         logging_steps=10**6, disable_tqdm=True, seed=0, dataloader_num_workers=0)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft_cfg,
                              callbacks=[timer])
         lens = [len(r) for r in trainer.train_dataset["prompt_ids"]] if "prompt_ids" in trainer.train_dataset.column_names else []
         trainer.train()
+    tmp.cleanup()
     timed = timer.times[1:]
     return {"step_s": sum(w for w, _ in timed) / len(timed), "cpu_s": sum(c for _, c in timed) / len(timed),
             "steps": len(timer.times), "peak_mb": _peak_mb(), "floor_mb": floor,
@@ -355,11 +396,10 @@ def worker_label_engine(args) -> dict:
     from cai import prompting
     from cai.constitution import load_constitution
     from cai.label import LabelConfig, Labeller
-    from engine import Engine
     from engine.options import option_logprobs
 
     floor = _peak_mb()
-    eng = Engine.load("default")
+    eng = _engine(args)
     labeller = Labeller(eng, load_constitution("default"), LabelConfig())
     prompts = feedback_prompts(eng, args.label_n)
     labeller.score(prompts[:2])  # warm-up
@@ -369,20 +409,20 @@ def worker_label_engine(args) -> dict:
         labeller.score(prompts)
     lps = option_logprobs(eng.model, ids, [labeller.option_ids] * len(ids))  # for the cross-check
     return {"seconds": c.wall, "cpu_s": c.cpu, "n": len(prompts), "prompt_tokens": sum(map(len, ids)) / len(ids),
-            "logprobs": lps, "peak_mb": _peak_mb(), "floor_mb": floor}
+            "logprobs": lps, "peak_mb": _peak_mb(), "floor_mb": floor,
+            "rate": _rate(eng, 2 * sum(map(len, ids)), c.wall, args)}
 
 
 def worker_label_hf(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.peers import hf_causal_lm
     from cai import prompting
-    from engine import Engine
 
     floor = _peak_mb()
-    eng = Engine.load("default")
-    tok = AutoTokenizer.from_pretrained(eng.source)
-    model = AutoModelForCausalLM.from_pretrained(eng.source, dtype=torch.float32, attn_implementation="sdpa").eval()
+    eng = _engine(args)
+    tok, device = eng.tokenizer, _device(args)
+    model = hf_causal_lm(eng, eng.model.embed.dtype, device)  # same weights; shared unless a folder is read
     prompts = feedback_prompts(eng, args.label_n)
     del eng
     options = [tok(o, add_special_tokens=False)["input_ids"] for o in prompting.OPTIONS]
@@ -391,14 +431,15 @@ def worker_label_hf(args) -> dict:
     def score(p: list[int]) -> list[float]:
         if len({len(o) for o in options}) == 1:  # one batch of both options: same length, no padding
             m = len(options[0])
-            x = torch.tensor([p + o for o in options])
+            x = torch.tensor([p + o for o in options], device=device)
             logits = model(input_ids=x, logits_to_keep=m + 1).logits[:, :-1]  # [K, m, V]: predicts the option
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(options)[..., None])
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(options, device=device)[..., None])
             return lp.sum((1, 2)).tolist()
         out = []
         for o in options:
-            logits = model(input_ids=torch.tensor([p + o]), logits_to_keep=len(o) + 1).logits[0, :-1]
-            out.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(o)[:, None]).sum().item())
+            logits = model(input_ids=torch.tensor([p + o], device=device), logits_to_keep=len(o) + 1).logits[0, :-1]
+            out.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(o, device=device)[:, None])
+                       .sum().item())
         return out
 
     with torch.inference_mode():
@@ -420,7 +461,8 @@ def run_worker(name: str, args) -> dict:
     """``python -m bench.rl --worker name`` in a fresh process; its last stdout line."""
     cmd = [sys.executable, "-m", "bench.rl", "--worker", name, "--ppo-prompts", str(args.ppo_prompts),
            "--new-tokens", str(args.new_tokens), "--dpo-batch", str(args.dpo_batch), "--dpo-len", str(args.dpo_len),
-           "--dpo-steps", str(args.dpo_steps), "--label-n", str(args.label_n)]
+           "--dpo-steps", str(args.dpo_steps), "--label-n", str(args.label_n), "--model", args.model,
+           "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -467,6 +509,7 @@ def bench_dpo(args) -> tuple[dict, list]:
            "dpo_train_step_s": round(e["train_step_s"], 3),
            "dpo_reference_pass_s": round(e["ref_s"], 3), "dpo_tokens_per_step": e["tokens_per_step"],
            "dpo_peak_mb": round(e["peak_mb"], 1), "trl_dpo_peak_mb": round(t["peak_mb"], 1),
+           "dpo_train_rate": e["train_rate"],
            "dpo_load": e["load"], "trl_dpo_load": t["load"]}
     return out, rows
 
@@ -481,6 +524,7 @@ def bench_label(args) -> tuple[dict, list]:
     out = {"label_cmp_per_s": round(ecps, 3), "hf_label_cmp_per_s": round(hcps, 3), "label_ratio": round(ecps / hcps, 2),
            "label_cpu_ratio": round(h["cpu_s"] / e["cpu_s"], 2), "label_n": e["n"],
            "label_prompt_tokens": round(e["prompt_tokens"], 1), "label_max_abs_logprob_diff": diff,
+           "label_rate": e["rate"],
            "label_load": e["load"], "hf_label_load": h["load"]}
     return out, rows
 
@@ -497,8 +541,17 @@ def parse(argv):
     ap.add_argument("--dpo-steps", type=int, default=2, help="timed DPO steps (after one warm-up step)")
     ap.add_argument("--label-n", type=int, default=32, help="feedback prompts scored (comparisons)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    from bench.device import add_device_args
+
+    add_device_args(ap)
+    ap.add_argument("--tiny", action="store_true",
+                    help="every part at a few tokens on dummy:tiny (unless --model is given): checks it end to end")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.model = "dummy:tiny" if args.model == "default" else args.model
+        for k, v in TINY.items():
+            setattr(args, k, v)
     if args.ppo_prompts % PPO["minibatch"]:
         ap.error(f"--ppo-prompts must be a multiple of the minibatch size {PPO['minibatch']}")
     return args
@@ -522,13 +575,14 @@ def main(argv=None) -> dict | None:
             out, r = fn(args)
             summary.update(out)
             rows += r
-    print(f"default model, float32, {machine()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'passive')}")
+    print(f"model {args.model}, device {args.device}, {machine()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'passive')}")
     print(f"PPO {args.ppo_prompts} prompts x {args.new_tokens} new tokens; DPO {args.dpo_batch} pairs x "
           f"~{args.dpo_len} tokens, LoRA both sides; labelling {args.label_n} feedback prompts")
     print("engine trains: policy LoRA + value head (PPO), policy LoRA (DPO); "
           "TRL trains: policy LoRA + the whole value model (PPO), policy LoRA (DPO)")
     print_table(["measure", "engine", "peer", "peer / engine"], rows)
-    summary.update({"sizes": {"ppo_prompts": args.ppo_prompts, "new_tokens": args.new_tokens, "dpo_batch": args.dpo_batch,
+    summary.update({"model": args.model, "device": args.device, "sizes": {"ppo_prompts": args.ppo_prompts, "new_tokens": args.new_tokens, "dpo_batch": args.dpo_batch,
                               "dpo_len": args.dpo_len, "label_n": args.label_n},
                     **machine(), "loadavg_start": start_load, "loadavg_end": _loadavg()})
     emit_json(summary)

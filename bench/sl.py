@@ -30,7 +30,11 @@ holds a core), and the load average is printed at the start and the end.
 
     python -m bench.sl [--prompts 32] [--rounds 2] [--max-new-tokens 192] [--batch 32]
                        [--sft-steps 4] [--sft-batch-tokens 2048] [--skip-sl] [--skip-sft]
-                       [--threads N] [--repeats 1]
+                       [--threads N] [--repeats 1] [--model default] [--tiny]
+
+``--model dummy:<shape>`` or a config.json runs random weights of that shape (transformers
+and TRL read the same weights from a temporary checkpoint folder); ``--tiny`` runs both
+parts at a few tokens on ``dummy:tiny``, to check the benchmark end to end.
 """
 from __future__ import annotations
 
@@ -177,14 +181,14 @@ def run_sl(runner_cls, backend, constitution, cfg, prompts) -> tuple[float, floa
     return time.perf_counter() - start, time.process_time() - cpu, rec, records
 
 
-def bench_sl(args, eng) -> tuple[dict, list]:
+def bench_sl(args, eng, source: str) -> tuple[dict, list]:
     from cai.constitution import load_constitution
     from cai.prompts import load_prompts
     from cai.sl import SLConfig, SLRunner
 
-    hf, tok = load_hf(eng.source)
+    hf, tok = load_hf(source)
     eos = sorted(set(eng.cfg.eos_token_id) | ({eng.tokenizer.eos_token_id} - {None}))
-    backends = {"engine": eng, "hf": HFGenerate(hf, tok, eng.source, eos)}
+    backends = {"engine": eng, "hf": HFGenerate(hf, tok, source, eos)}
     con = load_constitution("default")
     prompts = load_prompts("redteam", split="train", limit=args.prompts)
     cfg = SLConfig(rounds=args.rounds, max_new_tokens=args.max_new_tokens, chunk_size=len(prompts),
@@ -314,7 +318,7 @@ def trl_sft(source: str, convs, args, rep: int) -> tuple[list[float], float]:
     return timer_cb.times[1:], sum(rows) / len(rows)
 
 
-def bench_sft(args, eng) -> tuple[dict, list]:
+def bench_sft(args, eng, source: str) -> tuple[dict, list]:
     import logging
 
     logging.getLogger("trl").setLevel(logging.ERROR)
@@ -325,7 +329,7 @@ def bench_sft(args, eng) -> tuple[dict, list]:
     for rep in range(args.repeats):
         times["engine"], t_e = times["engine"] + (r := engine_sft(eng, convs, args, rep))[0], r[1]
         print(f"  sft engine repeat {rep}: steps {[round(x, 2) for x in r[0]]} s, load {_loadavg()}", file=sys.stderr, flush=True)
-        times["trl"], t_t = times["trl"] + (r := trl_sft(eng.source, convs, args, rep))[0], r[1]
+        times["trl"], t_t = times["trl"] + (r := trl_sft(source, convs, args, rep))[0], r[1]
         print(f"  sft trl repeat {rep}: steps {[round(x, 2) for x in r[0]]} s, load {_loadavg()}", file=sys.stderr, flush=True)
         toks = {"engine": t_e, "trl": t_t}
     e, t = (sum(v) / len(v) for v in (times["engine"], times["trl"]))
@@ -352,9 +356,20 @@ def parse(argv):
     ap.add_argument("--skip-sl", action="store_true", help="skip the SL-CAI loop comparison")
     ap.add_argument("--skip-sft", action="store_true", help="skip the SFT step comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--model", default="default",
+                    help="'default', a model folder, a .gguf file, dummy:<shape> (random weights) or a config.json")
+    ap.add_argument("--tiny", action="store_true", help="both parts at a few tokens on dummy:tiny (unless --model)")
     ap.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
                     help="OMP_WAIT_POLICY (applied by re-executing before torch starts its threads)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.model = "dummy:tiny" if args.model == "default" else args.model
+        for k, v in TINY.items():
+            setattr(args, k, v)
+    return args
+
+
+TINY = dict(prompts=2, rounds=1, max_new_tokens=4, batch=2, sft_steps=1, sft_batch_tokens=1024, sft_examples=4)
 
 
 def main(argv=None) -> dict:
@@ -368,6 +383,7 @@ def main(argv=None) -> dict:
     import torch
 
     from bench.common import emit_json, machine, print_table
+    from bench.peers import hf_folder
     from engine import Engine
 
     if args.threads:
@@ -378,18 +394,21 @@ def main(argv=None) -> dict:
     if not args.skip_sft:
         import datasets, peft, trl  # noqa: E401, F401
     load_start = _loadavg()
-    eng = Engine.load("default")
+    eng = Engine.load(args.model)
+    tmp = tempfile.TemporaryDirectory()
+    source = str(hf_folder(eng, tmp.name))  # the peers' checkpoint folder: the engine's source when it is one
     summary, rows = {}, []
     if not args.skip_sl:
-        s, r = bench_sl(args, eng)
+        s, r = bench_sl(args, eng, source)
         summary.update(s)
         print(f"  sl done: {s}", file=sys.stderr, flush=True)  # kept if a later part fails
         rows += r
     if not args.skip_sft:
-        s, r = bench_sft(args, eng)
+        s, r = bench_sft(args, eng, source)
         summary.update(s)
         rows += r
     load_end = _loadavg()
+    tmp.cleanup()
     print(f"model {eng.source}  float32  {machine()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(f"SL-CAI: {args.prompts} red-team prompts, {args.rounds} rounds, max_new_tokens {args.max_new_tokens}, "
           f"batch {args.batch}, temperature 0.7, top_p 0.9; SFT: {args.sft_examples} conversations, "
@@ -399,7 +418,7 @@ def main(argv=None) -> dict:
     print_table(["measure", "engine", "peer", "engine/peer"], rows)
     print("peer: transformers generate (SL-CAI rows), TRL SFTTrainer (SFT rows); "
           "the SFT step ratio is peer seconds / engine seconds")
-    summary.update({"prompts": args.prompts, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+    summary.update({"model": args.model, "prompts": args.prompts, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
                     "batch": args.batch, "sft_steps": args.sft_steps, "sft_batch_tokens": args.sft_batch_tokens,
                     "repeats": args.repeats, "load_start": load_start, "load_end": load_end,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **machine()})

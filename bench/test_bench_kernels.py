@@ -10,7 +10,7 @@ import pytest
 
 from bench.kernels import CASES, IMPLS, _fwd_bwd
 
-ARGS = argparse.Namespace(vocab=49152, hidden=576)
+ARGS = argparse.Namespace(vocab=49152, hidden=576, dev="cpu", heads=None, attention_lens=None)
 SIZES = {"logprob": 2048, "linear_logprob": 2048, "linear_logprob_frozen_weight": 2048,
          "ppo_loss": 8192, "preference": 4096,
          "attention": "mixed"}

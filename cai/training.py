@@ -81,7 +81,7 @@ def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches:
 
 
 def _timed_step(stage: str, step: StepFn, group: list[PackedBatch], epoch: int, ckpt_dir: Path | None) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with profiling.phase(f"cai.{stage}.step"):
             rec = step(group)
@@ -89,9 +89,10 @@ def _timed_step(stage: str, step: StepFn, group: list[PackedBatch], epoch: int, 
         kept = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         exc.args = (f"{exc.args[0]}; last good checkpoint: {kept or 'none yet'}",)
         raise
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: steadier than wall on a shared machine
     tokens = sum(b.num_tokens for b in group)
-    return {"step": rec.pop("step"), "epoch": epoch, **rec, "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt}
+    return {"step": rec.pop("step"), "epoch": epoch, **rec, "tokens": tokens, "step_s": dt, "cpu_s": cpu,
+            "tokens_per_s": tokens / dt}
 
 
 def summary(log: list[dict], step: int) -> dict:

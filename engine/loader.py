@@ -33,8 +33,12 @@ def cai_home() -> Path:
 
 
 def load(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``default`` | folder | file.gguf -> (Decoder, tokenizer, source folder or file)."""
+    """``default`` | folder | file.gguf | ``dummy:<shape>`` | config.json -> (Decoder, tokenizer, source)."""
     spec = str(spec)
+    if spec.startswith("dummy:") or spec.endswith(".json"):  # random weights of a shape: engine/dummy.py
+        from engine import dummy
+
+        return dummy.load(spec, dtype)
     if spec == "default":
         folder = default_model_folder()
         return (*load_folder(folder, dtype), folder)
