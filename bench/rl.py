@@ -165,7 +165,8 @@ def worker_ppo_engine(args) -> dict:
     cfg = PPOConfig(prompts_per_iteration=args.ppo_prompts, max_new_tokens=args.new_tokens, temperature=1.0,
                     ppo_epochs=PPO["epochs"], minibatch_size=PPO["minibatch"], lr=PPO["lr"], kl_coef=PPO["kl"],
                     clip_eps=PPO["clip"], value_clip_eps=PPO["vclip"], vf_coef=PPO["vf"], gamma=PPO["gamma"],
-                    lam=PPO["lam"], reward_clip=0.0, max_slots=args.ppo_prompts)
+                    lam=PPO["lam"], reward_clip=0.0, max_slots=args.ppo_prompts,
+                    helpful_fraction=0.0)  # the TRL side trains on the same red-team prompts only
     prompts = load_prompts("redteam", split="train", limit=args.ppo_prompts)
     ppo = PPOTrainer(eng, rm, cfg, "sft")
     warm = ppo.iterate(prompts)
