@@ -216,18 +216,18 @@ def plot_attacks(attacks: dict, path: Path) -> str:
     names = list(attacks["by_checkpoint"])
     cols = ["plain"] + [t["id"] for t in attacks["templates"]] + ["all"]
     width = 0.8 / len(cols)
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 + len(names) * len(cols) * 0.32), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(names) * len(cols) * 0.3), 4.6))
     for k, c in enumerate(cols):
         ys = [100 * (attacks["by_checkpoint"][n][c]["refusal_rate"] or 0) for n in names]
-        color = "0.25" if c == "plain" else ("0.6" if c == "all" else f"C{k - 1}")
+        color = "0.2" if c == "plain" else ("0.65" if c == "all" else f"C{k - 1}")
         ax.bar([i + (k - (len(cols) - 1) / 2) * width for i in range(len(names))], ys, width, label=c, color=color)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 105)
-    ax.set_ylabel("refusal rate on red-team prompts (%)")
-    ax.set_title(f"Refusal under attack vs plain ({attacks['prompts']} prompts per template)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_ylabel("refusal rate, red-team (%)")
+    ax.set_title(f"Refusal under attack vs plain ({attacks['prompts']} prompts per template)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path.name
 
