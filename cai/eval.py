@@ -98,6 +98,15 @@ class EvalConfig:
     """Prompts generated or judged together, then written."""
     max_slots: int = 32
     """Concurrent sequences in the generator."""
+    attacks: str = ""
+    """Jailbreak templates every evaluated red-team prompt is also answered under: 'default'
+    (constitutions/attacks.yaml), a YAML or JSON lines file of templates with a {prompt} slot;
+    empty: none. Each template adds one answer per prompt and checkpoint (see cai/attacks.py)."""
+    attack_prompts: int = 0
+    """Red-team prompts wrapped in every template, spread over categories; 0: every evaluated one."""
+    lookalike_categories: str = "lookalike"
+    """Comma-separated benign categories of prompts that only sound harmful, whose over-refusal
+    is reported on its own; '*': every benign prompt (an external over-refusal set)."""
 
 
 # ---------------------------------------------------------------- pure math
@@ -276,6 +285,7 @@ class Judge:
         self.cfg, self.con = cfg, con
         self.pools = {"redteam": principle_pool(con, cfg.harmlessness_principles),
                       "benign": principle_pool(con, cfg.helpfulness_principles)}
+        self.pools["attack"] = self.pools["redteam"]  # jailbreak-wrapped red-team prompts (cai.attacks)
         # The labeller's own prompt rendering and option scoring, never its sampling.
         self.labeller = Labeller(feedback, con, LabelConfig(style=cfg.style, max_fewshot=cfg.max_fewshot,
                                                             seed=cfg.seed, max_slots=cfg.max_slots))
@@ -333,11 +343,12 @@ def evaluate(engine: Engine, checkpoints: dict[str, str | None], cfg: EvalConfig
              constitution: Constitution | str = "default", training_metrics: dict[str, str] | None = None,
              overwrite: bool = False) -> dict:
     """Evaluate ``checkpoints`` (name -> adapter folder, None: the base; in training order)
-    and write ``eval.json``, ``report.md``, ``elo.png`` and ``training_curves.png`` into
-    ``out_dir``. ``training_metrics`` maps ``sft``, ``pm``, ``ppo``, ``dpo`` to a
-    ``metrics.jsonl`` or its folder, and optionally ``pm_eval`` to the PM's ``eval.json``.
+    and write ``eval.json``, ``report.md``, ``elo.png``, ``training_curves.png`` and, with
+    ``cfg.attacks``, ``attacks.png`` into ``out_dir``. ``training_metrics`` maps ``sft``,
+    ``pm``, ``ppo``, ``dpo`` to a ``metrics.jsonl`` or its folder, and optionally ``pm_eval``
+    to the PM's ``eval.json``.
     Returns what ``eval.json`` holds: ``summary`` is one row per checkpoint, in order."""
-    from cai import report
+    from cai import attacks, report
 
     cfg = cfg or EvalConfig()
     if not checkpoints:
@@ -345,20 +356,23 @@ def evaluate(engine: Engine, checkpoints: dict[str, str | None], cfg: EvalConfig
     out, t0 = Path(out_dir), time.perf_counter()
     con = constitution if isinstance(constitution, Constitution) else load_constitution(constitution)
     sets = {"redteam": load_eval_prompts(cfg.redteam, cfg.limit), "benign": load_eval_prompts(cfg.benign, cfg.limit)}
+    plan = attacks.make_plan(cfg.attacks, sets["redteam"], cfg.attack_prompts)  # empty without attacks
     judge = Judge(feedback or engine, con, cfg)  # checks the principle ids before any generation
     gen_meta = {"model": engine.source, "style": resolve_style(cfg.style, engine), "seed": cfg.seed,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
     resp_path = out / "responses.jsonl"
     with ResumableJsonl(resp_path, gen_meta, overwrite=overwrite) as rj:
         check_cached_adapters(resp_path, checkpoints)
-        generate_responses(engine, checkpoints, sets, cfg, rj, progress)
+        generate_responses(engine, checkpoints, {**sets, **plan.to_generate()}, cfg, rj, progress)
     t1 = time.perf_counter()
     answers = {(r["checkpoint"], r["set"], r["prompt_id"]): r["response"] for r in read_jsonl(resp_path)}
     names = list(checkpoints)
     with ResumableJsonl(out / "judgments.jsonl", {**gen_meta, **judge.meta()}, overwrite=overwrite) as jj:
-        judge.run(names, sets, answers, jj, progress)
+        judge.run(names, {**sets, **plan.to_judge()}, answers, jj, progress)
     judgments = read_jsonl(out / "judgments.jsonl") if len(names) > 1 else []
     result = summarise(names, checkpoints, sets, answers, judgments, cfg)
+    result["attacks"] = attacks.summarise(plan, names, result["baseline"], answers, judgments)
+    result["lookalikes"] = attacks.lookalikes(sets["benign"], names, answers, cfg.lookalike_categories)
     result["seconds"] = {"generate": t1 - t0, "judge": time.perf_counter() - t1}
     result.update(report.write_all(out, result, training_metrics or {}))
     result["seconds"]["total"] = time.perf_counter() - t0

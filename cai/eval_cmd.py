@@ -5,8 +5,9 @@
 
 Each ``--checkpoint NAME=FOLDER`` is an adapter folder on the base (an empty FOLDER is the
 base itself), given in training order. Writes into DIR: ``responses.jsonl`` and
-``judgments.jsonl`` (reused by a rerun), ``eval.json``, ``report.md``, ``elo.png`` and, with
-``--metrics``, ``training_curves.png``.
+``judgments.jsonl`` (reused by a rerun), ``eval.json``, ``report.md``, ``elo.png``, with
+``--metrics`` ``training_curves.png``, and with ``--attacks default`` (or a templates file)
+``attacks.png``: every red-team prompt is also asked wrapped in each jailbreak template.
 """
 from __future__ import annotations
 
@@ -60,8 +61,13 @@ def run_eval(args) -> int:
     result = evaluate(eng, checkpoints, cfg, args.out, feedback, progress=True, constitution=args.constitution,
                       training_metrics=metrics, overwrite=args.overwrite)
     print(summary_table(result))
+    if result.get("attacks"):
+        from cai.attacks import attack_table
+
+        print(attack_table(result["attacks"]))
     print(f"wrote {args.out}/report.md, eval.json, elo.png"
-          + (", training_curves.png" if result["plots"]["training_curves"] else ""))
+          + (", training_curves.png" if result["plots"]["training_curves"] else "")
+          + (", attacks.png" if result["plots"].get("attacks") else ""))
     return 0
 
 

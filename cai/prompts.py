@@ -5,6 +5,10 @@
 array (of such records or of strings), CSV (a ``prompt`` column) or plain text (one prompt
 per line, blank lines skipped). Errors name the file and the line.
 
+A user's file may name its prompt as public prompt sets do (``goal``, ``question``,
+``behavior``: see ``PROMPT_KEYS``, column names matched ignoring case) and its category as
+``category``, ``SemanticCategory`` or ``type`` (``CATEGORY_KEYS``); other fields are ignored.
+
 The built-in sets carry a ``split``: ``heldout`` prompts (about 20% of every category) are
 for evaluation only, so that training never sees what the evaluation asks.
 """
@@ -23,6 +27,10 @@ from engine.errors import InputError
 BUILTIN = ("redteam", "benign")
 SPLITS = ("train", "heldout")
 _ROLES = ("system", "user", "assistant")
+PROMPT_KEYS = ("prompt", "goal", "question", "behavior")
+"""Field or column names a prompt is read from in a user's file, the first present wins."""
+CATEGORY_KEYS = ("category", "semantic_category", "semanticcategory", "harm_category", "type")
+"""Field or column names a prompt's category is read from in a user's file."""
 
 
 @dataclass
@@ -109,6 +117,8 @@ def _record(obj: Any, where: str, default_id: str, strict: bool) -> PromptRecord
         for key in ("id", "prompt", "category", "split"):
             if key not in obj:
                 raise InputError(f"{where}: missing {key!r}")
+    else:
+        obj = _common_names(obj)
     messages = _messages(obj["messages"], where) if "messages" in obj else None
     if messages is None and "prompt" not in obj:
         raise InputError(f"{where}: missing 'prompt'")
@@ -124,6 +134,17 @@ def _record(obj: Any, where: str, default_id: str, strict: bool) -> PromptRecord
     if split is not None and split not in SPLITS:
         raise InputError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
     return PromptRecord(str(ident), prompt.strip(), messages, category, split)
+
+
+def _common_names(obj: dict) -> dict:
+    """A public set's record with its prompt and category under our names."""
+    lower = {str(k).lower(): k for k in obj}
+    out = dict(obj)
+    for ours, theirs in (("prompt", PROMPT_KEYS), ("category", CATEGORY_KEYS)):
+        key = next((lower[k] for k in theirs if k in lower), None)
+        if ours not in obj and key is not None and (ours == "prompt" or isinstance(obj[key], str)):
+            out[ours] = obj[key]  # a numeric 'type' field is no category
+    return out
 
 
 def _messages(value: Any, where: str) -> list[Message]:
@@ -173,8 +194,8 @@ def _from_csv(text: str, label: str) -> list[PromptRecord]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None:
         return []
-    if "prompt" not in reader.fieldnames:
-        raise InputError(f"{label}:1: no 'prompt' column (columns: "
+    if not any(str(f).lower() in PROMPT_KEYS for f in reader.fieldnames):
+        raise InputError(f"{label}:1: no 'prompt' column (nor {', '.join(map(repr, PROMPT_KEYS[1:]))}; columns: "
                          f"{', '.join(reader.fieldnames)})")
     stem = Path(label).stem
     records = []
@@ -182,7 +203,7 @@ def _from_csv(text: str, label: str) -> list[PromptRecord]:
         n = reader.line_num
         if not any((v or "").strip() for v in row.values()):
             continue
-        row = {k: v for k, v in row.items() if k and v not in (None, "")}
+        row = _common_names({k: v for k, v in row.items() if k and v not in (None, "")})
         if "prompt" not in row:
             raise InputError(f"{label}:{n}: empty 'prompt'")
         records.append(_record(row, f"{label}:{n}", f"{stem}-{n}", strict=False))

@@ -1,4 +1,5 @@
-"""The evaluation's report and plots: ``report.md``, ``elo.png``, ``training_curves.png``.
+"""The evaluation's report and plots: ``report.md``, ``elo.png``, ``training_curves.png``,
+and with ``--attacks`` ``attacks.png`` (refusal under each jailbreak template vs plain).
 
 Plots use matplotlib's Agg backend, chosen inside the plotting functions so that importing
 this module changes nothing and no display is ever needed.
@@ -29,6 +30,9 @@ STAGES = ("sft", "pm", "ppo", "dpo")
 def write_all(out: Path, result: dict, training_metrics: dict[str, str]) -> dict:
     """Write the plots and report.md; returns the entries eval.json keeps about them."""
     plots = {"elo": plot_elo(result, out / "elo.png")}
+    plots["attacks"] = plot_attacks(result["attacks"], out / "attacks.png") if result.get("attacks") else None
+    if plots["attacks"] is None:
+        (out / "attacks.png").unlink(missing_ok=True)  # from an earlier run with attacks
     series, notes = read_training_metrics(training_metrics)
     drawn = plot_training(series, out / "training_curves.png")
     plots["training_curves"] = "training_curves.png" if drawn else None
@@ -171,7 +175,7 @@ def render_report(r: dict) -> str:
         for cat, row in r["refusal_by_category"][s].items():
             lines.append(f"| {cat} | {row['n']} | " + " | ".join(_pct(row[n]) for n in names) + " |")
         lines.append("")
-    lines += _training_section(r) + _samples_section(r)
+    lines += _lookalike_section(r) + _attack_section(r) + _training_section(r) + _samples_section(r)
     return "\n".join(lines) + "\n"
 
 
@@ -202,3 +206,69 @@ def _samples_section(r: dict) -> list[str]:
                 tag = " (refusal)" if is_refusal(text) else ""
                 lines += [f"**{n}**{tag}:", "", _quote(text), ""]
     return lines
+
+
+# ---------------------------------------------------------------- adversarial evaluation
+
+def plot_attacks(attacks: dict, path: Path) -> str:
+    """Grouped bars: per checkpoint, refusal rate plain, under each template and under all."""
+    plt = _pyplot()
+    names = list(attacks["by_checkpoint"])
+    cols = ["plain"] + [t["id"] for t in attacks["templates"]] + ["all"]
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(names) * len(cols) * 0.3), 4.6))
+    for k, c in enumerate(cols):
+        ys = [100 * (attacks["by_checkpoint"][n][c]["refusal_rate"] or 0) for n in names]
+        color = "0.2" if c == "plain" else ("0.65" if c == "all" else f"C{k - 1}")
+        ax.bar([i + (k - (len(cols) - 1) / 2) * width for i in range(len(names))], ys, width, label=c, color=color)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("refusal rate, red-team (%)")
+    ax.set_title(f"Refusal under attack vs plain ({attacks['prompts']} prompts per template)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
+def _attack_section(r: dict) -> list[str]:
+    a = r.get("attacks")
+    if not a:
+        return []
+    cols = ["plain"] + [t["id"] for t in a["templates"]] + ["all"]
+    head = ["| checkpoint | " + " | ".join(cols) + " |", "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+    lines = ["## Under attack", "",
+             f"Every one of {a['prompts']} held-out red-team prompts answered plainly and wrapped in each "
+             f"template ({', '.join(f'`{t}`' for t in cols[1:-1])}); `all` pools the templates. "
+             "The judge reads the plain request beside the answers to the wrapped one.", ""]
+    for key, title, fmt in (("refusal_rate", "Refusal rate", _pct),
+                            ("bypassed", "Bypassed: refused plainly, not refused under the template", _pct),
+                            ("harmlessness_win_rate", f"Harmlessness win rate vs {a['baseline']} (AI-judged)",
+                             lambda x: "—" if x is None else f"{x:.2f}")):
+        lines += [f"### {title}", ""] + head
+        for n, row in a["by_checkpoint"].items():
+            lines.append(f"| {n} | " + " | ".join(fmt(row[c].get(key)) if key in row[c] else "·" for c in cols) + " |")
+        lines.append("")
+    return lines + ["![refusal under attack vs plain](attacks.png)", ""]
+
+
+def _lookalike_section(r: dict) -> list[str]:
+    lk = r.get("lookalikes")
+    if not lk:
+        return []
+    names = [row["checkpoint"] for row in r["summary"]]
+    lines = ["## Over-refusal on look-alikes", ""]
+    if not lk["n"]:
+        return lines + [f"No benign prompt is in the look-alike categories ({', '.join(lk['categories'])}).", ""]
+    lines += [f"Benign prompts that only sound harmful ({lk['n']}, categories: {', '.join(lk['categories'])}), "
+              f"beside the other {lk['rest_n']} benign prompts.", "",
+              "| checkpoint | look-alikes refused | other benign refused |", "| --- | ---: | ---: |"]
+    lines += [f"| {n} | {_pct(lk['over_refusal'][n])} | {_pct(lk['rest_over_refusal'][n])} |" for n in names]
+    lines += ["", "| look-alike category | n | " + " | ".join(names) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [f"| {c} | {row['n']} | " + " | ".join(_pct(row[n]) for n in names) + " |"
+              for c, row in lk["by_category"].items()]
+    lines += ["", "Refused look-alikes:" if lk["refused"] else "No look-alike was refused.", ""]
+    lines += [f"- `{x['prompt_id']}` {x['prompt']} — refused by {', '.join(x['refused_by'])}" for x in lk["refused"]]
+    return lines + ([""] if lk["refused"] else [])
