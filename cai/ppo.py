@@ -170,7 +170,7 @@ class PPOTrainer:
             else:
                 lora.add_adapter(self.model, "policy", seed=cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.value_head = ScalarHead(self.model.cfg.hidden_size)
+        self.value_head = ScalarHead(self.model.cfg.hidden_size, device=self.model.device)
         self.policy = lora.get_adapter(self.model, "policy")
         self.params = {**{f"policy.{k}": p for k, p in self.policy.named_parameters()},
                        **{f"value_head.{k}": p for k, p in self.value_head.named_parameters()}}
@@ -208,7 +208,7 @@ class PPOTrainer:
         """Scores, reference and old log-probs, values, rewards and advantages."""
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         masks = [[False] * len(p) + [True] * len(r) for p, r in zip(prompt_ids, responses)]
-        batch = pack(seqs, masks)
+        batch = pack(seqs, masks, device=self.model.device)
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
         with profiling.phase("cai.ppo.score"):
             scores = self.rm.score(convs, [prompting.clean_response(t)[0] for t in texts]).float()
@@ -220,9 +220,10 @@ class PPOTrainer:
             hidden = hidden_states(self.model, batch)
             old_lp = token_logprobs(self.model, batch, hidden=hidden)[batch.target_rows]
             values = self.value_head(hidden.index_select(0, batch.target_rows))
-        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(r) for r in responses]))
+        dev = self.model.device
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor([len(r) for r in responses], device=dev))
         rewards = -self.kl.value * kernels.kl_penalty(old_lp, ref_lp, kind=self.cfg.kl_estimator)
-        last = torch.tensor([len(r) for r in responses]).cumsum(0) - 1
+        last = torch.tensor([len(r) for r in responses], device=dev).cumsum(0) - 1
         rewards[last] += scores
         adv, ret = gae(rewards, values, seq_of, len(seqs), self.cfg.gamma, self.cfg.lam)
         if self.cfg.whiten_advantages:
@@ -238,7 +239,7 @@ class PPOTrainer:
         # The adapter stays in eval mode: LoRA dropout would make the first ratio differ
         # from 1 and add noise PPO's clipping then fights (RLHF recipes turn it off too).
         for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(len(seqs), generator=g).tolist()
+            order = torch.randperm(len(seqs), generator=g, device="cpu").tolist()  # a host-side order
             for k in range(0, len(order), self.cfg.minibatch_size):
                 chosen = sorted(order[k : k + self.cfg.minibatch_size])
                 for name, v in self._minibatch_step(ro, seqs, masks, chosen).items():
@@ -247,8 +248,8 @@ class PPOTrainer:
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
     def _minibatch_step(self, ro: Rollout, seqs, masks, chosen: list[int]) -> dict:
-        sel = torch.isin(ro.seq_of, torch.tensor(chosen))
-        batch = pack([seqs[i] for i in chosen], [masks[i] for i in chosen])
+        sel = torch.isin(ro.seq_of, torch.tensor(chosen, device=self.model.device))
+        batch = pack([seqs[i] for i in chosen], [masks[i] for i in chosen], device=self.model.device)
         with lora.use_adapter(self.model, "policy"), profiling.phase("cai.ppo.train"):
             hidden = hidden_states(self.model, batch)
             lp, ent = token_logprobs(self.model, batch, return_entropy=True, hidden=hidden)
@@ -278,7 +279,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
         train = self.update(ro, seqs, masks)
         t3 = time.perf_counter()
-        kl_seq = segment_sum(ro.old_lp - ro.ref_lp, torch.tensor([0] + [len(r) for r in responses]).cumsum(0))
+        kl_seq = segment_sum(ro.old_lp - ro.ref_lp, torch.tensor([0] + [len(r) for r in responses], device=self.model.device).cumsum(0))
         beta = self.kl.value
         self.kl.update(float(kl_seq.mean()), len(seqs))
         self.iteration += 1
