@@ -31,14 +31,15 @@ def token_logprobs(
 ):
     """log p(labels[t] | tokens[..t]) per token [T] (0 where the label is IGNORE); with
     ``return_entropy`` also the entropy of each of those rows' distributions [T] (0 elsewhere).
-    Differentiable with respect to the trainable weights."""
+    Both float32 whatever the model's dtype. Differentiable with respect to the trainable weights."""
     hidden = hidden_states(model, batch) if hidden is None else hidden
     rows = batch.target_rows
     out = kernels.linear_logprob(
         hidden.index_select(0, rows), model.lm_head_weight, batch.labels.index_select(0, rows),
         temperature=temperature, ignore_index=IGNORE, return_entropy=return_entropy,
     )
-    scatter = lambda v: hidden.new_zeros(batch.num_tokens).index_copy(0, rows, v)  # noqa: E731
+    # float32 like the kernel's output, whatever the hidden states' dtype
+    scatter = lambda v: v.new_zeros(batch.num_tokens).index_copy(0, rows, v)  # noqa: E731
     return tuple(scatter(v) for v in out) if return_entropy else scatter(out)
 
 
