@@ -57,7 +57,10 @@ class Tracer:
 
     def __init__(self, path: str | Path, steps: int = 8):
         self.path, self.budget, self.done = Path(path), steps, 0
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():  # kernel times on the GPU timeline, under the same phase names
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts, record_shapes=False)
         self.written = False
 
     def __enter__(self) -> "Tracer":
