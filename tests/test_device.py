@@ -202,3 +202,15 @@ def test_gpu_check_stops_without_cuda(tmp_path):
     assert proc.returncode != 0
     assert "no CUDA device" in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_packaging_keeps_a_users_torch_and_the_readme_documents_the_gpu_path():
+    setup, env = (REPO / "setup.py").read_text(), (REPO / "scripts" / "env.sh").read_text()
+    assert "torch==" not in setup and '"torch>=2.4"' in setup  # installing into a CUDA env keeps its torch
+    pin, editable = env.index("install -q torch==2.13.0"), env.index('install -q -e ".[dev]"')
+    assert pin < editable  # the local CPU build is installed first, so the range is already met
+    readme = (REPO / "README.md").read_text()
+    gpu = readme[readme.index("## On a GPU"):readme.index("## Benchmarks")]
+    for text in ("--device", "--dtype", "--no-cuda-graphs", "device:", "dtype:", "nsys profile",
+                 "engine.generate.decode", "dummy:llama-1b", "scripts/gpu_check.sh", "No GPU figures"):
+        assert text in gpu, text
