@@ -12,7 +12,7 @@ setup(
     packages=["engine", "kernels", "cai"],
     package_data={"cai": ["presets/*.yaml"]},
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.4",  # any recent torch, CUDA build included; scripts/env.sh pins the CPU build
         "transformers>=5.0",
         "tokenizers",
         "safetensors",

@@ -93,11 +93,12 @@ def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | Non
     float32: column 0 chosen, 1 rejected."""
     parts = []
     batches = pair_batches(encoded, range(len(encoded)), max_tokens, shuffle=False, seed=0,
-                           max_seqlen=model.cfg.max_position_embeddings, names=[f"pair {i}" for i in range(len(encoded))])
+                           max_seqlen=model.cfg.max_position_embeddings, names=[f"pair {i}" for i in range(len(encoded))],
+                           device=model.device)
     with lora.use_adapter(model, adapter), torch.inference_mode():
         for b in batches:
             parts.append((b.index[0::2], sequence_logprobs(model, b).float().view(-1, 2)))
-    out = torch.empty(len(encoded), 2)
+    out = torch.empty(len(encoded), 2, device=model.device)
     for idx, lp in parts:
         out[idx] = lp
     return out
@@ -122,7 +123,7 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
     all_pairs, names = list(range(len(pairs))), [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, all_pairs, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
-        max_seqlen=model.cfg.max_position_embeddings, names=names)
+        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
     steps = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     ad = (lora.copy_adapter(model, sft_adapter, cfg.adapter) if sft_adapter is not None

@@ -150,7 +150,7 @@ class Labeller:
         with use_adapter(self.fb.model, None), profiling.phase("cai.label.score"):
             lps = option_logprobs(self.fb.model, ids, [self.option_ids] * len(ids))
         clamp = (self.cfg.clamp_low, self.cfg.clamp_high) if self.cfg.cot else None
-        return kernels.option_probs(torch.tensor(lps, dtype=torch.float32), clamp=clamp)
+        return kernels.option_probs(torch.tensor(lps, dtype=torch.float32, device=self.fb.model.device), clamp=clamp)
 
     def _records(self, chunk, pairs, jobs, probs) -> list[dict]:
         per_example: list[list[dict]] = [[] for _ in chunk]

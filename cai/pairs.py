@@ -146,7 +146,7 @@ def encode_pairs(engine, pairs: Sequence[PreferencePair], fmt: str = "auto") -> 
     return out
 
 
-def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int]) -> PackedBatch:
+def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int], device=None) -> PackedBatch:
     """Pairs ``which`` -> one batch: sequence 2k is pair k's chosen, 2k+1 its rejected;
     ``index`` names the pair of each sequence."""
     seqs, masks, index = [], [], []
@@ -155,11 +155,11 @@ def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int]) -> PackedBa
         seqs += [e.chosen, e.rejected]
         masks += [e.chosen_mask, e.rejected_mask]
         index += [i, i]
-    return pack(seqs, masks, index)
+    return pack(seqs, masks, index, device=device)
 
 
 def pair_batches(encoded: Sequence[EncodedPair], subset: Sequence[int], max_tokens: int, *, shuffle: bool,
-                 seed: int, max_seqlen: int, names: Sequence[str]) -> list[PackedBatch]:
+                 seed: int, max_seqlen: int, names: Sequence[str], device=None) -> list[PackedBatch]:
     """The pairs ``subset`` grouped by a token budget (both sequences of a pair count)."""
     for i in subset:
         n = max(len(encoded[i].chosen), len(encoded[i].rejected))
@@ -167,12 +167,13 @@ def pair_batches(encoded: Sequence[EncodedPair], subset: Sequence[int], max_toke
             raise InputError(f"{names[i]}: {n} tokens, longer than the model's context of {max_seqlen}")
     groups = group_by_tokens([encoded[i].num_tokens for i in subset], max_tokens, shuffle=shuffle, seed=seed,
                              names=[names[i] for i in subset])
-    return [pack_pairs(encoded, [subset[k] for k in g]) for g in groups]
+    return [pack_pairs(encoded, [subset[k] for k in g], device) for g in groups]
 
 
 def pair_labels(pairs: Sequence[PreferencePair], batch: PackedBatch) -> torch.Tensor:
     """p_chosen of each pair in ``batch`` [P] (float32)."""
-    return torch.tensor([pairs[i].p_chosen for i in batch.index[0::2].tolist()], dtype=torch.float32)
+    return torch.tensor([pairs[i].p_chosen for i in batch.index[0::2].tolist()], dtype=torch.float32,
+                        device=batch.tokens.device)
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

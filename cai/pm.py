@@ -121,10 +121,10 @@ class RewardModel:
         for i, n in enumerate(lengths):
             if not 0 < n <= limit:
                 raise InputError(f"score: sequence {i} has {n} tokens (the model takes 1..{limit})")
-        out = torch.empty(len(sequences), dtype=torch.float32)
+        out = torch.empty(len(sequences), dtype=torch.float32, device=self.engine.model.device)
         budget = max([self.max_tokens_per_batch, *lengths])
         for g in group_by_tokens(lengths, budget):
-            out[g] = self.score_packed(pack([sequences[i] for i in g], index=g))
+            out[g] = self.score_packed(pack([sequences[i] for i in g], index=g, device=self.engine.model.device))
         return out
 
     def score_packed(self, batch: PackedBatch) -> torch.Tensor:
@@ -142,7 +142,7 @@ def rewards(model, head: ScalarHead, batch: PackedBatch) -> torch.Tensor:
 def new_head(model, seed: int) -> ScalarHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ScalarHead(model.cfg.hidden_size).to(model.embed.dtype)
+        return ScalarHead(model.cfg.hidden_size, device=model.device)
 
 
 # ---- training -----------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
     names = [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, train_idx, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
-        max_seqlen=model.cfg.max_position_embeddings, names=names)
+        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
     steps = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     head, ad = new_head(model, cfg.seed), lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed)
@@ -216,7 +216,7 @@ def evaluate(rm: RewardModel, encoded: Sequence[EncodedPair], p_chosen: Sequence
     if not encoded:
         return {"pairs": 0}
     r = rm.score_ids([s for e in encoded for s in (e.chosen, e.rejected)])
-    return calibration(r[0::2], r[1::2], torch.tensor(p_chosen), bins)
+    return calibration(r[0::2], r[1::2], torch.tensor(p_chosen, device=r.device), bins)
 
 
 def calibration(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chosen: torch.Tensor, bins: int = 5) -> dict:
@@ -283,7 +283,7 @@ def load_reward_model(engine, folder: str | Path, name: str = "reward", max_toke
     chat = meta.get("prompt_format") == "chat"
     if chat and not getattr(engine.tokenizer, "chat_template", None):
         raise InputError(f"{folder}: trained on chat-formatted text, but {engine.source} has no chat template")
-    head = ScalarHead(model.cfg.hidden_size).to(model.embed.dtype)
+    head = ScalarHead(model.cfg.hidden_size, device=model.device)
     head.load_state_dict(head_sd)
     lora.remove_adapter(model, name)
     lora.load_adapter(model, name, folder)

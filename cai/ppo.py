@@ -262,7 +262,7 @@ class PPOTrainer:
         h, w = self.model.cfg.hidden_size, self.model.lm_head_weight
         with torch.device("meta"):  # no init draws from the global RNG
             head = ScalarHead(h)
-        head = head.to_empty(device=w.device).to(w.dtype)
+        head = head.to_empty(device=w.device)  # float32, as ScalarHead keeps its weights
         g = torch.Generator(device=w.device).manual_seed(self.cfg.seed)
         with torch.no_grad():
             head.proj.weight.normal_(0.0, 1.0 / (h + 1) ** 0.5, generator=g)
@@ -316,14 +316,14 @@ class PPOTrainer:
         seqs = [p + r for p, r in zip(samples.prompt_ids, samples.responses)]
         masks = [[False] * len(p) + [True] * n + [False] * (len(r) - n)
                  for p, r, n in zip(samples.prompt_ids, samples.responses, kept)]
-        batch = pack(seqs, masks)
+        batch = pack(seqs, masks, device=self.model.device)
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
         with profiling.phase("cai.ppo.score"):
             texts = [self._response_text(r[:n]) for r, n in zip(samples.responses, kept)]
             scores = self.rm.score(convs, texts).float()
         if self.cfg.reward_clip:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
-        truncated = torch.tensor([not ended for _, ended in ends])
+        truncated = torch.tensor([not ended for _, ended in ends], device="cpu")  # host flags for metrics
         # added after the clip: a cut response scores below a finished one of the same score
         penalty = scores.new_tensor([self.cfg.missing_eos_penalty if t else 0.0 for t in truncated.tolist()])
         temp = self.cfg.temperature
@@ -334,9 +334,10 @@ class PPOTrainer:
             old_lp = token_logprobs(self.model, batch, temp, hidden=hidden)[batch.target_rows]
             values = self.value_head(hidden.index_select(0, batch.target_rows))
         sampler_lp = old_lp.new_tensor([x for lp, n in zip(samples.logprobs, kept) for x in lp[:n]])
-        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(kept))
+        dev = self.model.device
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor(kept, device=dev))
         rewards = -self.kl.value * kernels.kl_penalty(old_lp, ref_lp, kind=self.cfg.kl_estimator)
-        last = torch.tensor(kept).cumsum(0) - 1  # each response's last kept token
+        last = torch.tensor(kept, device=dev).cumsum(0) - 1  # each response's last kept token
         rewards[last] += scores + penalty
         adv, ret = gae(rewards, values, seq_of, len(seqs), self.cfg.gamma, self.cfg.lam)
         if self.cfg.whiten_advantages:
@@ -353,7 +354,7 @@ class PPOTrainer:
         # The adapter stays in eval mode: LoRA dropout would make the first ratio differ
         # from 1 and add noise PPO's clipping then fights (RLHF recipes turn it off too).
         for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(len(ro.seqs), generator=g).tolist()
+            order = torch.randperm(len(ro.seqs), generator=g, device="cpu").tolist()  # a host-side order
             for k in range(0, len(order), self.cfg.minibatch_size):
                 chosen = sorted(order[k : k + self.cfg.minibatch_size])
                 for name, v in self._minibatch_step(ro, chosen).items():
@@ -362,8 +363,8 @@ class PPOTrainer:
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
     def _minibatch_step(self, ro: Rollout, chosen: list[int]) -> dict:
-        sel = torch.isin(ro.seq_of, torch.tensor(chosen))
-        batch = pack([ro.seqs[i] for i in chosen], [ro.masks[i] for i in chosen])
+        sel = torch.isin(ro.seq_of, torch.tensor(chosen, device=self.model.device))
+        batch = pack([ro.seqs[i] for i in chosen], [ro.masks[i] for i in chosen], device=self.model.device)
         with lora.use_adapter(self.model, "policy"), profiling.phase("cai.ppo.train"):
             hidden = hidden_states(self.model, batch)
             lp, ent = token_logprobs(self.model, batch, self.cfg.temperature, return_entropy=True, hidden=hidden)

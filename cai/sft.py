@@ -192,7 +192,8 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
     data = [encode(engine.tokenizer, c.messages, chat=chat, loss_on=cfg.loss_on) for c in convs]
     names = [c.where for c in convs]
     epoch_batches = lambda e: batches_by_tokens(  # noqa: E731
-        data, cfg.max_tokens_per_batch, cfg.shuffle, cfg.seed + e, max_seqlen=model.cfg.max_position_embeddings, names=names)
+        data, cfg.max_tokens_per_batch, cfg.shuffle, cfg.seed + e, max_seqlen=model.cfg.max_position_embeddings, names=names,
+        device=model.device)
     steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum)
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps_per_epoch * cfg.epochs)
     previous = lora.active_adapter(model)

@@ -70,9 +70,13 @@ def pack(
     sequences: Sequence[Sequence[int]],
     loss_masks: Sequence[Sequence[bool]] | None = None,
     index: Sequence[int] | None = None,
+    *,
+    device=None,
 ) -> PackedBatch:
-    """Pack token lists into one batch. ``loss_masks[b][j]`` marks token j of sequence b as a
-    target (None: every token but the first). ``index`` defaults to 0..B-1."""
+    """Pack token lists into one batch on ``device`` (pass the model's). ``loss_masks[b][j]``
+    marks token j of sequence b as a target (None: every token but the first). ``index``
+    defaults to 0..B-1. Everything is computed on the host from the lists (the target rows
+    too, so finding them never syncs a device) and copied once per tensor."""
     if loss_masks is not None and len(loss_masks) != len(sequences):
         raise InputError(f"pack: {len(sequences)} sequences but {len(loss_masks)} loss masks")
     flat, labels = [], []
@@ -85,16 +89,16 @@ def pack(
         flat.extend(seq)
         labels.extend(seq[j + 1] if mask is None or mask[j + 1] else IGNORE for j in range(len(seq) - 1))
         labels.append(IGNORE)
-    positions, cu, max_len = packed_metadata([len(s) for s in sequences])
-    labels_t = torch.tensor(labels, dtype=torch.int64)
+    positions, cu, max_len = packed_metadata([len(s) for s in sequences], device)
+    tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     return PackedBatch(
-        tokens=torch.tensor(flat, dtype=torch.int64),
+        tokens=tensor(flat),
         positions=positions,
         cu_seqlens=cu,
         max_seqlen=max_len,
-        labels=labels_t,
-        index=torch.tensor(list(index) if index is not None else range(len(sequences)), dtype=torch.int64),
-        target_rows=(labels_t != IGNORE).nonzero().flatten(),
+        labels=tensor(labels),
+        index=tensor(list(index) if index is not None else list(range(len(sequences)))),
+        target_rows=tensor([j for j, y in enumerate(labels) if y != IGNORE]),
     )
 
 
@@ -133,12 +137,13 @@ def batches_by_tokens(
     *,
     max_seqlen: int | None = None,
     names: Sequence[str] | None = None,
+    device=None,
 ) -> list[PackedBatch]:
     """``(tokens, loss_mask)`` examples -> packed batches of at most ``max_tokens`` tokens.
 
     ``max_seqlen`` (the model's context) rejects longer sequences with an error naming the
     example (``names[i]`` if given, e.g. "data.jsonl line 7"). ``batch.index`` holds the
-    example indices.
+    example indices. The batches are built on ``device`` (pass the model's).
     """
     lengths = [len(tokens) for tokens, _ in examples]
     for i, n in enumerate(lengths):
@@ -146,7 +151,7 @@ def batches_by_tokens(
             who = names[i] if names is not None else f"example {i}"
             raise InputError(f"{who}: {n} tokens, longer than the model's context of {max_seqlen}")
     groups = group_by_tokens(lengths, max_tokens, shuffle=shuffle, seed=seed, names=names)
-    return [pack([examples[i][0] for i in g], [_mask(examples[i]) for i in g], g) for g in groups]
+    return [pack([examples[i][0] for i in g], [_mask(examples[i]) for i in g], g, device=device) for g in groups]
 
 
 def _mask(example) -> Sequence[bool]:

@@ -10,8 +10,10 @@ from typing import Sequence, Union
 import torch
 
 from engine import loader
+from engine.device import resolve_device, resolve_dtype
 from engine.errors import InputError
 from engine.generate import Generator, RequestOutput
+from engine.graphs import StaticDecoder
 from engine.model import Decoder
 from engine.sampling import SamplingParams
 
@@ -21,22 +23,49 @@ Prompt = Union[str, Sequence[dict], Sequence[int]]
 class Engine:
     """A loaded model and its tokenizer.
 
-    Attributes: ``model`` (the Decoder), ``tokenizer``, ``source`` (where it was loaded from).
+    Attributes: ``model`` (the Decoder), ``tokenizer``, ``source`` (where it was loaded from),
+    ``cuda_graphs`` (decode replays CUDA graphs when the model is on CUDA; ignored on the CPU).
     """
 
-    def __init__(self, model: Decoder, tokenizer, source: str = "", max_slots: int = 32):
+    def __init__(self, model: Decoder, tokenizer, source: str = "", max_slots: int = 32, cuda_graphs: bool = True):
         self.model, self.tokenizer, self.source = model, tokenizer, str(source)
-        self.max_slots = max_slots
+        self.max_slots, self.cuda_graphs = max_slots, cuda_graphs
+        self._static: StaticDecoder | None = None
 
     @classmethod
-    def load(cls, model: str = "default", *, dtype: torch.dtype = torch.float32, max_slots: int = 32) -> "Engine":
-        """Load ``default`` (the embedded SmolLM2-135M-Instruct), a checkpoint folder or a GGUF file."""
-        decoder, tokenizer, source = loader.load(model, dtype)
-        return cls(decoder, tokenizer, source, max_slots)
+    def load(cls, model: str = "default", *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             max_slots: int = 32, cuda_graphs: bool = True) -> "Engine":
+        """Load ``default`` (the embedded SmolLM2-135M-Instruct), a checkpoint folder or a GGUF file.
+
+        ``device``: "auto" (the first CUDA device when there is one, else the CPU), "cpu",
+        "cuda", "cuda:N" or a torch.device. ``dtype``: "auto" (bfloat16 on CUDA, float32 on
+        the CPU), "float32", "bfloat16", "float16" or a torch.dtype. ``cuda_graphs``: decode
+        steps on CUDA replay a captured graph per batch-size bucket (False: eager decode).
+        """
+        dev = resolve_device(device)
+        decoder, tokenizer, source = loader.load(model, resolve_dtype(dtype, dev), dev)
+        return cls(decoder, tokenizer, source, max_slots, cuda_graphs)
 
     @property
     def cfg(self):
         return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.dtype
+
+    def static_decoder(self) -> StaticDecoder | None:
+        """The static KV cache and CUDA graphs kept between generate calls, or None for eager
+        decode (the CPU, or ``cuda_graphs`` off)."""
+        if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self._static is None:
+            self._static = StaticDecoder(self.model, capture=True)
+        return self._static
 
     def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
         """A prompt as token ids: raw text, a chat message list (through the tokenizer's chat
@@ -69,7 +98,7 @@ class Engine:
         """Sample continuations for every prompt; one RequestOutput per prompt, in order."""
         params = params or SamplingParams()
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
-        gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots)
+        gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots, static=self.static_decoder())
         bar = None
         if progress:
             from tqdm import tqdm

@@ -11,6 +11,10 @@ The loop alternates two kinds of forward:
 Active slots are kept compact (``0..B-1``): when a sample finishes, the last active slot's
 cache moves into the hole, so a decode step never reads an idle slot and never gathers.
 A finished slot is refilled from the queue before the next step.
+
+Every tensor lives on the model's device. The host reads the chosen tokens and their
+log-probs once per step (one copy: EOS and stop strings are decided on the host); on CUDA
+the decode step itself can replay a captured graph over a static cache (``engine.graphs``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 
 from engine.errors import InputError
 from engine import profiling
+from engine.graphs import StaticDecoder
 from engine.model import Decode, Decoder, KVCache
 from engine.prefill import PrefillCost, prefill
 from engine.sampling import SamplingParams, choose_tokens, sample_generator
@@ -70,11 +75,13 @@ class Generator:
     """Runs a batch of prompts through the model with continuous batching.
 
     max_slots bounds concurrent samples (and KV cache memory); max_prefill_tokens bounds
-    how many prompt tokens one prefill forward packs together.
+    how many prompt tokens one prefill forward packs together; ``static`` (None: eager
+    decode) keeps a static cache and runs each decode step through it.
     """
 
-    def __init__(self, model: Decoder, tokenizer, max_slots: int = 32, max_prefill_tokens: int = 4096):
-        self.model, self.tok = model, tokenizer
+    def __init__(self, model: Decoder, tokenizer, max_slots: int = 32, max_prefill_tokens: int = 4096,
+                 static: StaticDecoder | None = None):
+        self.model, self.tok, self.static = model, tokenizer, static
         self.max_slots, self.max_prefill_tokens = max_slots, max_prefill_tokens
         eos = set(model.cfg.eos_token_id)
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -95,10 +102,15 @@ class Generator:
         n = params.n
         if n > self.max_slots:
             raise InputError(f"n={n} samples per prompt exceeds max_slots={self.max_slots}")
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        # a fresh seed is drawn from the host RNG: it only seeds the per-sample generators
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), device="cpu"))
         max_len = min(ctx_limit, max(map(len, prompts)) + params.max_new_tokens)
         slots_needed = min(self.max_slots, n * len(prompts))
-        self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype)
+        self.max_len = max_len
+        if self.static is not None:
+            self.cache = self.static.prepare(slots_needed, max_len)
+        else:
+            self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype, self.model.device)
         self.params, self.seed = params, seed
         self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
         self.progress = progress
@@ -111,7 +123,7 @@ class Generator:
         return self.outputs
 
     def _admit(self, queue: deque, active: list[_Slot], prompts) -> None:
-        n, free = self.params.n, self.cache.num_slots - len(active)
+        n, free = self.params.n, min(self.cache.num_slots, self.max_slots) - len(active)
         # The budget counts what the forward computes: a few-shot prefix shared by the batch
         # once. Counting whole prompts admitted ~5 of 32 critique prompts per prefill and ran
         # their 500-token shared prefix once per admission.
@@ -133,7 +145,7 @@ class Generator:
             for s in range(n):
                 if s:
                     self.cache.copy_slot(first_slot[j], first_slot[j] + s, lengths[j])
-                gen = None if self.params.greedy else sample_generator(self.seed, i, s)
+                gen = None if self.params.greedy else sample_generator(self.seed, i, s, self.model.device)
                 new.append(_Slot(i, s, lengths[j], -1, [], [], gen))
         self._advance(new, logits)
         active.extend(new)
@@ -142,12 +154,15 @@ class Generator:
     def _decode(self, active: list[_Slot]) -> None:
         if not active:
             return
-        tokens = torch.tensor([s.pending for s in active], dtype=torch.long)
-        positions = torch.tensor([s.length for s in active], dtype=torch.long)
-        lengths = (positions + 1).to(torch.int32)
-        ctx = Decode(self.cache, lengths, max(s.length for s in active) + 1)
+        dev = self.model.device
+        tokens = torch.tensor([s.pending for s in active], dtype=torch.long, device=dev)
+        positions = torch.tensor([s.length for s in active], dtype=torch.long, device=dev)
         with profiling.phase("engine.generate.decode"):
-            logits = self.model.logits(self.model(tokens, positions, ctx))  # [B, V]
+            if self.static is not None:
+                logits = self.static.step(tokens, positions)  # [B, V]
+            else:
+                ctx = Decode(self.cache, (positions + 1).to(torch.int32), max(s.length for s in active) + 1)
+                logits = self.model.logits(self.model(tokens, positions, ctx))  # [B, V]
         for s in active:
             s.length += 1
         self._advance(active, logits)
@@ -158,7 +173,11 @@ class Generator:
         """Choose each slot's next token from its logits row [B, V]."""
         with profiling.phase("engine.generate.sample"):
             tokens, logprobs = choose_tokens(logits, self.params, [s.gen for s in slots])
-        for s, t, lp in zip(slots, tokens.tolist(), logprobs.tolist()):
+            # the one host sync of a step: EOS, stop strings and the outputs are host-side.
+            # Token ids are exact in float64, so one copy brings both rows back.
+            host_tokens, host_lp = torch.stack((tokens.double(), logprobs.double())).tolist()
+        for s, t, lp in zip(slots, host_tokens, host_lp):
+            t = int(t)
             s.pending = t
             s.tokens.append(t)
             s.logprobs.append(lp)
@@ -184,7 +203,7 @@ class Generator:
             return "stop"
         if p.stop and any(x in self.tok.decode(s.tokens[-self._stop_window :]) for x in p.stop):
             return "stop"
-        if len(s.tokens) >= p.max_new_tokens or s.length >= self.cache.max_len:
+        if len(s.tokens) >= p.max_new_tokens or s.length >= self.max_len:
             return "length"
         return None
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,29 +33,31 @@ def cai_home() -> Path:
     return Path(os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai-engine")
 
 
-def load(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``default`` | folder | file.gguf | ``dummy:<shape>`` | config.json -> (Decoder, tokenizer, source)."""
-    spec = str(spec)
+def load(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """``default`` | folder | file.gguf | ``dummy:<shape>`` | config.json -> (Decoder on
+    ``device`` in ``dtype``, tokenizer, source folder or file)."""
+    spec, device = str(spec), torch.device(device)
     if spec.startswith("dummy:") or spec.endswith(".json"):  # random weights of a shape: engine/dummy.py
         from engine import dummy
 
-        return dummy.load(spec, dtype)
+        return dummy.load(spec, dtype, device)
     if spec == "default":
         folder = default_model_folder()
-        return (*load_folder(folder, dtype), folder)
+        return (*load_folder(folder, dtype, device), folder)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return (*load_folder(path, dtype), path)
+        return (*load_folder(path, dtype, device), path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{path}: GGUF file not found")
-        hf_model, tokenizer = _read_gguf(path)
+        hf_model, tokenizer = _read_gguf(path)  # transformers holds it on the host anyway
         cfg = ModelConfig.from_hf(hf_model.config, source=str(path))
-        return _build(cfg, hf_model.state_dict(), dtype, str(path)), tokenizer, path
+        sd = hf_model.state_dict()
+        return _build(cfg, ((k, lambda k=k: sd[k]) for k in sd), dtype, device, str(path)), tokenizer, path
     raise InputError(f"{spec}: not a model folder, a .gguf file or 'default' (no such folder or file)")
 
 
-def load_folder(folder: Path, dtype: torch.dtype = torch.float32):
+def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """A transformers checkpoint folder -> (Decoder, tokenizer)."""
     from transformers import AutoTokenizer
 
@@ -66,8 +69,7 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32):
     except json.JSONDecodeError as exc:
         raise InputError(f"{cfg_path}: not valid JSON: {exc}") from exc
     cfg = ModelConfig.from_hf(raw, source=str(cfg_path))
-    state = read_safetensors(folder)
-    model = _build(cfg, state, dtype, str(folder))
+    model = _build(cfg, iter_safetensors(folder), dtype, torch.device(device), str(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -75,58 +77,78 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors files (single file or sharded index)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) for every tensor of a folder's safetensors files; ``read()`` reads that
+    one tensor into host memory, so a loader holds one tensor at a time, never the model."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise InputError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded)")
-    state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    yield name, lambda h=handle, n=name: h.get_tensor(n)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise InputError(f"{f}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
-    return state
 
 
-def _build(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype, source: str) -> Decoder:
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    state = from_hf_state_dict(cfg, hf_state, source)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = cfg.inv_freq().float()
-    return model.to(dtype).eval().requires_grad_(False)
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files (single file or sharded index)."""
+    return {name: read() for name, read in iter_safetensors(folder)}
 
 
-def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """transformers' parameter names -> the engine's fused layout."""
-
-    def take(name: str) -> torch.Tensor:
-        for key in (name, f"model.{name}" if not name.startswith("model.") else name[6:]):
-            if key in sd:
-                return sd[key]
-        raise InputError(f"{source}: weight {name!r} missing from the checkpoint")
-
-    out = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """transformers' parameter name -> (the engine's parameter, first row inside it): q, k, v
+    land in rows of the fused ``attn.qkv``, gate and up in rows of ``mlp.gate_up``."""
+    hq, hkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": ("embed", 0), "model.norm.weight": ("norm", 0)}
     if not cfg.tie_word_embeddings:
-        out["lm_head"] = take("lm_head.weight")
+        out["lm_head.weight"] = ("lm_head", 0)
     for i in range(cfg.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"layers.{i}."
-        proj = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        out[q + "attn.qkv.weight"] = torch.cat(proj)
-        if cfg.attention_bias:
-            out[q + "attn.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        out[q + "attn.o.weight"] = take(p + "self_attn.o_proj.weight")
-        out[q + "mlp.gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        out[q + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
-        out[q + "attn_norm"] = take(p + "input_layernorm.weight")
-        out[q + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
-    for name, t in out.items():
-        out[name] = t.contiguous()
+        for n, row in zip("qkv", (0, hq, hq + hkv)):
+            out[p + f"self_attn.{n}_proj.weight"] = (q + "attn.qkv.weight", row)
+            if cfg.attention_bias:
+                out[p + f"self_attn.{n}_proj.bias"] = (q + "attn.qkv.bias", row)
+        out[p + "self_attn.o_proj.weight"] = (q + "attn.o.weight", 0)
+        out[p + "mlp.gate_proj.weight"] = (q + "mlp.gate_up.weight", 0)
+        out[p + "mlp.up_proj.weight"] = (q + "mlp.gate_up.weight", cfg.intermediate_size)
+        out[p + "mlp.down_proj.weight"] = (q + "mlp.down.weight", 0)
+        out[p + "input_layernorm.weight"] = (q + "attn_norm", 0)
+        out[p + "post_attention_layernorm.weight"] = (q + "mlp_norm", 0)
     return out
+
+
+def _build(cfg: ModelConfig, tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]], dtype: torch.dtype,
+           device: torch.device, source: str) -> Decoder:
+    """Allocate the decoder on ``device`` in ``dtype`` (uninitialised, from a meta model),
+    then read the checkpoint one tensor at a time into its rows: host memory holds one
+    tensor, the device one model."""
+    with torch.device("meta"):
+        model = Decoder(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    layout, missing = hf_layout(cfg), set(hf_layout(cfg))
+    with torch.no_grad():
+        for name, read in tensors:
+            key = name if name in layout else f"model.{name}" if f"model.{name}" in layout else None
+            if key is None:
+                continue  # tied lm_head copies, rotary buffers: not parameters of ours
+            target, row = layout[key]
+            t = read()
+            dst = params[target]
+            if t.shape[1:] != dst.shape[1:] or row + t.shape[0] > dst.shape[0]:
+                raise InputError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, which does not fit the config")
+            dst[row : row + t.shape[0]].copy_(t)  # converts the dtype and moves in one copy
+            missing.discard(key)
+    if missing:
+        raise InputError(f"{source}: weight {sorted(missing)[0]!r} missing from the checkpoint")
+    # RoPE frequencies stay float32 whatever the weights' dtype (angles are rounded as
+    # transformers rounds them); set after the cast so bfloat16 weights do not round them.
+    model.inv_freq = cfg.inv_freq().float().to(device)
+    return model.eval().requires_grad_(False)
 
 
 def to_hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:

@@ -19,6 +19,10 @@ separate dropout mask per projection while here q, k and v (and gate, up) share 
 their common input, and peft's names are per projection while ours are per fused linear
 (``export_peft`` / ``merged_state_dict`` translate).
 
+Precision: an adapter's weights are float32 masters on the model's device whatever the base's
+dtype; a forward casts them to the activations' dtype (a cast of a few small matrices), so
+the update runs in the base's precision and the gradients and optimizer state stay float32.
+
 Full fine-tuning needs no adapter: make the base trainable instead. Whatever then needs the
 original weights (the KL reference, the feedback model) must use a frozen copy made before
 training (``engine.train.frozen_copy``): the one extra copy of the model the engine keeps,
@@ -95,13 +99,15 @@ def _slices(model: Decoder) -> dict[str, tuple[int, int, int]]:
 class FusedLora(nn.Module):
     """The adapter's part on one fused linear: stacked A [n*r, in], one B [rows, r] per target."""
 
-    def __init__(self, targets: list[str], slices: dict, cfg: LoraConfig):
+    def __init__(self, targets: list[str], slices: dict, cfg: LoraConfig, device=None):
         super().__init__()
         self.targets, self.rank, self.scale, self.p = targets, cfg.rank, cfg.scale, cfg.dropout
         self.rows = [slices[t][1:] for t in targets]
         in_features = slices[targets[0]][0]
-        self.A = nn.Parameter(torch.empty(len(targets) * cfg.rank, in_features))
-        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(e - s, cfg.rank)) for t, (s, e) in zip(targets, self.rows)})
+        f32 = dict(dtype=torch.float32, device=device)
+        self.A = nn.Parameter(torch.empty(len(targets) * cfg.rank, in_features, **f32))
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(e - s, cfg.rank, **f32))
+                                   for t, (s, e) in zip(targets, self.rows)})
         for a in self.A.data.split(cfg.rank):  # peft's init: kaiming-uniform per A, B = 0
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -109,9 +115,9 @@ class FusedLora(nn.Module):
         """x [T, in], y [T, out] (the base output) -> y with every slice's update added."""
         if self.training and self.p > 0:
             x = F.dropout(x, self.p, training=True)
-        h = x @ self.A.t()  # [T, n*r]
+        h = x @ self.A.to(x.dtype).t()  # [T, n*r]
         for k, (t, (s, e)) in enumerate(zip(self.targets, self.rows)):
-            y[:, s:e].addmm_(h[:, k * self.rank:(k + 1) * self.rank], self.B[t].t(), alpha=self.scale)
+            y[:, s:e].addmm_(h[:, k * self.rank:(k + 1) * self.rank], self.B[t].to(y.dtype).t(), alpha=self.scale)
         return y
 
     def delta(self, target: str) -> torch.Tensor:
@@ -123,7 +129,7 @@ class FusedLora(nn.Module):
 class LoraAdapter(nn.Module):
     """One named adapter: ``layers[i][fused linear name]`` -> FusedLora."""
 
-    def __init__(self, model: Decoder, cfg: LoraConfig):
+    def __init__(self, model: Decoder, cfg: LoraConfig, device=None):
         super().__init__()
         self.cfg = cfg
         sl = _slices(model)
@@ -132,7 +138,7 @@ class LoraAdapter(nn.Module):
             if t in cfg.targets:
                 homes.setdefault(_HOME[t][0], []).append(t)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({lin: FusedLora(ts, sl, cfg) for lin, ts in homes.items()}) for _ in model.layers
+            nn.ModuleDict({lin: FusedLora(ts, sl, cfg, device) for lin, ts in homes.items()}) for _ in model.layers
         )
 
     def pieces(self):
@@ -161,11 +167,13 @@ def active_adapter(model: Decoder) -> str | None:
 
 
 def add_adapter(model: Decoder, name: str, cfg: LoraConfig | None = None, *, seed: int | None = None) -> LoraAdapter:
-    """Create a fresh adapter (identity: B = 0). ``seed`` makes A's init reproducible."""
+    """Create a fresh adapter (identity: B = 0) on the model's device, float32 masters.
+    ``seed`` makes A's init reproducible (the same numbers on every device: drawn on the
+    host, then moved)."""
     if name in adapters(model):
         raise InputError(f"adapter {name!r} already exists")
     with _seeded(seed):
-        ad = LoraAdapter(model, cfg or LoraConfig()).to(model.embed.dtype).eval()
+        ad = LoraAdapter(model, cfg or LoraConfig(), device="cpu").to(model.device).eval()
     adapters(model)[name] = ad
     return ad
 
@@ -233,7 +241,7 @@ def save_adapter(model: Decoder, name: str, folder: str | Path) -> Path:
 
     ad, folder = get_adapter(model, name), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in ad.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ad.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "cai-engine-lora"})
     meta = {"format": "cai-engine-lora", "name": name, "num_layers": len(model.layers), **asdict(ad.cfg)}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -270,8 +278,8 @@ def peft_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
     for i, lin, piece in get_adapter(model, name).pieces():
         for k, t in enumerate(piece.targets):
             key = f"base_model.model.model.layers.{i}.{_HOME[t][1]}"
-            out[f"{key}.lora_A.weight"] = piece.A[k * piece.rank:(k + 1) * piece.rank].detach().clone()
-            out[f"{key}.lora_B.weight"] = piece.B[t].detach().clone()
+            out[f"{key}.lora_A.weight"] = piece.A[k * piece.rank:(k + 1) * piece.rank].detach().cpu().clone()
+            out[f"{key}.lora_B.weight"] = piece.B[t].detach().cpu().clone()
     return out
 
 
@@ -320,7 +328,7 @@ def export_merged(model: Decoder, name: str | None, folder: str | Path, tokenize
     if model.lm_head is None:
         sd.pop("lm_head.weight", None)
     _write_hf_config(Path(source), folder)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(folder))
     return folder
 

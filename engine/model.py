@@ -32,7 +32,7 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and not (
+    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
         torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     ):
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
@@ -64,11 +64,19 @@ class KVCache:
     the decode kernel read without a copy.
     """
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32, device=None):
         shape = (num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.num_slots, self.max_len = num_slots, max_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""
@@ -111,7 +119,7 @@ class Decode:
     max_len: int
 
     def __post_init__(self):
-        self._rows = torch.arange(self.lengths.shape[0])  # once per step, not once per layer
+        self._rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)  # once per step, not per layer
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         b = q.shape[0]
@@ -143,7 +151,7 @@ class Extend:
             vc[slot, :, start:end] = v[offset : offset + n].transpose(0, 1)
             qs = q[offset : offset + n].transpose(0, 1)[None]  # [1, Hq, n, D]
             # bottom-right causal: new token i sees the prefix and new tokens 0..i
-            mask = torch.ones(n, end, dtype=torch.bool).tril_(start)
+            mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril_(start)
             o = F.scaled_dot_product_attention(qs, kc[slot : slot + 1, :, :end], vc[slot : slot + 1, :, :end],
                                                attn_mask=mask, scale=scale, enable_gqa=True)
             out[offset : offset + n] = o[0].transpose(0, 1)
@@ -209,6 +217,11 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", cfg.inv_freq().float(), persistent=False)
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights live: every tensor the engine creates for this model goes there."""
+        return self.embed.device
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed if self.lm_head is None else self.lm_head
 
@@ -242,9 +255,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, rotated, sin)
 
 
-def packed_metadata(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sequence lengths -> (positions [T] int64, cu_seqlens [B+1] int32, max_seqlen)."""
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
-    return positions, cu, max(lengths, default=0)
+def packed_metadata(lengths: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sequence lengths -> (positions [T] int64, cu_seqlens [B+1] int32, max_seqlen), built
+    on the host as lists and sent to ``device`` in one copy each."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    positions = [j for n in lengths for j in range(n)]
+    return (torch.tensor(positions, dtype=torch.int64, device=device),
+            torch.tensor(cu, dtype=torch.int32, device=device), max(lengths, default=0))

@@ -54,14 +54,14 @@ def _groups(lengths: list[int], budget: int) -> list[list[int]]:
 def _score_group(model: Decoder, prompts, options) -> list[list[float]]:
     lengths = [len(p) for p in prompts]
     longest = max(len(o) for opts in options for o in opts)
-    cache = KVCache(model.cfg, len(prompts), max(lengths) + longest, model.embed.dtype)
+    cache = KVCache(model.cfg, len(prompts), max(lengths) + longest, model.embed.dtype, model.device)
     last = prefill(model, cache, prompts, list(range(len(prompts))))  # [P, H]: predicts first option tokens
     scores = [[0.0] * len(opts) for opts in options]
     for k in range(max(len(opts) for opts in options)):
         rows = [i for i, opts in enumerate(options) if k < len(opts)]
-        first = torch.tensor([options[i][k][0] for i in rows])
+        first = torch.tensor([options[i][k][0] for i in rows], dtype=torch.int64, device=model.device)
         lp_first = kernels.linear_logprob(last[rows], model.lm_head_weight, first)
-        for i, lp in zip(rows, lp_first.tolist()):
+        for i, lp in zip(rows, lp_first.tolist()):  # host sync: the scores are returned as floats
             scores[i][k] = lp
         rest = [i for i in rows if len(options[i][k]) > 1]
         if rest:
@@ -72,11 +72,14 @@ def _score_group(model: Decoder, prompts, options) -> list[list[float]]:
 def _score_rest(model, cache, prompts, options, k, rows, scores) -> None:
     """Feed tokens 1..m-1 of option k after each prompt; add the log-probs of tokens 2..m."""
     feed = [options[i][k][:-1] for i in rows]
-    targets = torch.tensor([t for i in rows for t in options[i][k][1:]])
-    tokens = torch.tensor([t for f in feed for t in f])
-    positions = torch.tensor([len(prompts[i]) + j for i, f in zip(rows, feed) for j in range(len(f))])
+    dev = model.device
+    targets = torch.tensor([t for i in rows for t in options[i][k][1:]], dtype=torch.int64, device=dev)
+    tokens = torch.tensor([t for f in feed for t in f], dtype=torch.int64, device=dev)
+    positions = torch.tensor([len(prompts[i]) + j for i, f in zip(rows, feed) for j in range(len(f))],
+                             dtype=torch.int64, device=dev)
     ctx = Extend(cache, rows, [len(prompts[i]) for i in rows], [len(f) for f in feed])
     hidden = model(tokens, positions, ctx)
     lp = kernels.linear_logprob(hidden, model.lm_head_weight, targets)
-    for i, part in zip(rows, lp.split([len(f) for f in feed])):
-        scores[i][k] += part.sum().item()
+    sums = torch.stack([part.sum() for part in lp.split([len(f) for f in feed])])
+    for i, total in zip(rows, sums.tolist()):  # one host sync per option, not one per prompt
+        scores[i][k] += total

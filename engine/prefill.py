@@ -62,24 +62,25 @@ def prefill(model: Decoder, cache: KVCache, prompts: list[list[int]], slots: lis
     shared = shared_prefix_len(prompts) if len(prompts) > 1 else 0
     if shared < min_shared:
         return _packed(model, cache, prompts, slots)
-    head = torch.tensor(prompts[0][:shared])
-    positions, cu, m = packed_metadata([shared])
-    model(head, positions, Packed(cu, m, cache, torch.full((shared,), slots[0])))
+    dev = cache.device
+    head = torch.tensor(prompts[0][:shared], dtype=torch.int64, device=dev)
+    positions, cu, m = packed_metadata([shared], dev)
+    model(head, positions, Packed(cu, m, cache, torch.full((shared,), slots[0], dtype=torch.int64, device=dev)))
     for s in slots[1:]:
         cache.copy_slot(slots[0], s, shared)
     tails = [p[shared:] for p in prompts]
     counts = [len(t) for t in tails]
-    tokens = torch.tensor([t for tail in tails for t in tail])
-    positions = torch.cat([torch.arange(shared, shared + n) for n in counts])
+    tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=dev)
+    positions = torch.tensor([shared + j for n in counts for j in range(n)], dtype=torch.int64, device=dev)
     hidden = model(tokens, positions, Extend(cache, list(slots), [shared] * len(slots), counts))
-    ends = torch.tensor(counts).cumsum(0) - 1
+    ends = torch.tensor(counts, device=dev).cumsum(0) - 1
     return hidden[ends]
 
 
 def _packed(model, cache, prompts, slots) -> torch.Tensor:
-    lengths = [len(p) for p in prompts]
-    positions, cu, m = packed_metadata(lengths)
-    slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))
-    tokens = torch.tensor([t for p in prompts for t in p])
+    lengths, dev = [len(p) for p in prompts], cache.device
+    positions, cu, m = packed_metadata(lengths, dev)
+    slot_of = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], dtype=torch.int64, device=dev)
+    tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
     hidden = model(tokens, positions, Packed(cu, m, cache, slot_of))
     return hidden[cu[1:].long() - 1]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from engine.device import cuda_present
+
 try:  # the nvtx package is a thin wrapper; without a CUDA driver its ranges are no-ops
     import nvtx as _nvtx
 except ImportError:  # pragma: no cover - nvtx is a declared dependency
@@ -57,7 +59,10 @@ class Tracer:
 
     def __init__(self, path: str | Path, steps: int = 8):
         self.path, self.budget, self.done = Path(path), steps, 0
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if cuda_present():  # kernel times on the GPU timeline, under the same phase names
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts, record_shapes=False)
         self.written = False
 
     def __enter__(self) -> "Tracer":

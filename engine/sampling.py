@@ -6,7 +6,15 @@ train time (``log_softmax(logits / T)``), so rollouts and updates agree. Greedy 
 returns the plain ``log_softmax(logits)`` value.
 
 Seeding is per sample: sample j of prompt i draws from its own generator seeded from
-``(seed, i, j)``, so a prompt's samples do not depend on what else is in the batch.
+``(seed, i, j)``, so a prompt's samples do not depend on what else is in the batch. The
+generators live on the model's device. The choice is made in float32 whatever the logits'
+dtype.
+
+On a GPU nothing here synchronises with the host: the draw is ``argmax(p / E)`` with
+``E ~ Exp(1)`` (an exact sample of ``p``, the race of exponential clocks gpt-fast uses) rather
+than ``torch.multinomial``, and top-p sorts the vocabulary instead of the CPU's candidate
+search, whose fallback needs a host-side count. The CPU keeps ``multinomial``, so its draws
+for a seed are unchanged.
 """
 from __future__ import annotations
 
@@ -56,8 +64,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample_generator(seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
-    g = torch.Generator()
+def sample_generator(seed: int, prompt_index: int, sample_index: int, device: torch.device) -> torch.Generator:
+    """The generator of sample ``sample_index`` of prompt ``prompt_index``, on ``device``."""
+    g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + prompt_index * 9_176 + sample_index) % (2**63 - 1))
     return g
 
@@ -65,14 +74,20 @@ def sample_generator(seed: int, prompt_index: int, sample_index: int) -> torch.G
 def choose_tokens(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B] int64, log-probs [B] of those tokens)."""
+    """logits [B, V] -> (tokens [B] int64, log-probs [B] float32 of those tokens), on the
+    logits' device."""
+    logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return tokens, _logprob_of(logits, tokens)
     scaled = logits / params.temperature if params.temperature != 1.0 else logits
     filtered = _truncate(scaled.clone(), params.top_k, params.top_p)
     probs = torch.softmax(filtered, dim=-1)
-    tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    if probs.device.type == "cpu":
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    else:
+        clocks = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in zip(probs, generators)])
+        tokens = (probs / clocks).argmax(dim=-1)
     return tokens, _logprob_of(scaled, tokens)
 
 
@@ -86,7 +101,9 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits.masked_fill_(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if top_p < 1.0 and logits.device.type != "cpu":
+        logits.masked_fill_(_outside_nucleus_sorted(logits, top_p), float("-inf"))
+    elif top_p < 1.0:
         logits.masked_fill_(_outside_nucleus(logits, top_p), float("-inf"))
     return logits
 

@@ -31,14 +31,15 @@ def token_logprobs(
 ):
     """log p(labels[t] | tokens[..t]) per token [T] (0 where the label is IGNORE); with
     ``return_entropy`` also the entropy of each of those rows' distributions [T] (0 elsewhere).
-    Differentiable with respect to the trainable weights."""
+    Both float32 whatever the model's dtype. Differentiable with respect to the trainable weights."""
     hidden = hidden_states(model, batch) if hidden is None else hidden
     rows = batch.target_rows
     out = kernels.linear_logprob(
         hidden.index_select(0, rows), model.lm_head_weight, batch.labels.index_select(0, rows),
         temperature=temperature, ignore_index=IGNORE, return_entropy=return_entropy,
     )
-    scatter = lambda v: hidden.new_zeros(batch.num_tokens).index_copy(0, rows, v)  # noqa: E731
+    # float32 like the kernel's output, whatever the hidden states' dtype
+    scatter = lambda v: v.new_zeros(batch.num_tokens).index_copy(0, rows, v)  # noqa: E731
     return tuple(scatter(v) for v in out) if return_entropy else scatter(out)
 
 
@@ -62,18 +63,20 @@ class ScalarHead(nn.Module):
     (``forward``), a reward head the last token of each sequence (``last_token``).
 
     Initialised with small weights (std 1/sqrt(H+1), as TRL's value head) and zero bias, so
-    the first scores are near zero and do not swamp the KL term.
+    the first scores are near zero and do not swamp the KL term. Its weights, and so its
+    scores, are float32 whatever the model's dtype: the hidden state is cast up first.
+    Create it on the model's device (``device=model.device``).
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, *, device=None):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
+        self.proj = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
         nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H] -> one score per token [T]."""
-        return self.proj(hidden).squeeze(-1)
+        """hidden [T, H] -> one float32 score per token [T]."""
+        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)
 
     def last_token(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], cu_seqlens [B+1] -> the score of each sequence's last token [B]."""

@@ -7,6 +7,11 @@ tensors), ``optimizer.safetensors`` (AdamW's moments and step counts) and ``stat
 (param groups, the caller's scalars, the Python and torch RNG states). It is written into a
 temporary folder beside it and renamed into place, so a run killed mid-write leaves the
 previous checkpoint whole. Nothing is pickled.
+
+Devices: AdamW's moments are created beside each parameter (on the model's device, float32
+for the float32 LoRA masters and heads); checkpoints are written from host copies and read
+back into the live tensors wherever they are. The CUDA RNG is saved too when CUDA is in use,
+so dropout on a GPU resumes exactly.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any, Iterable
 import torch
 
 from engine import profiling
+from engine.device import cuda_present
 
 CKPT_PREFIX = "step-"
 
@@ -137,7 +143,7 @@ class Trainer:
     def apply(self) -> dict[str, float]:
         """Clip, schedule, step; returns {"lr", "grad_norm"} of this optimizer step."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"), foreach=True)
-        norm = float(norm)
+        norm = float(norm)  # host sync: a non-finite norm must stop the step before it is applied
         if not math.isfinite(norm):
             self.zero_grad()
             raise NonFiniteLossError(self.step + 1, "gradient norm", norm)
@@ -172,11 +178,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], k
     final = root / f"{CKPT_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
     try:
-        save_file({k: v.detach().contiguous() for k, v in state["params"].items()}, str(tmp / "params.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state["params"].items()}, str(tmp / "params.safetensors"))
         opt = state.get("optimizer")
         opt_tensors, groups = _flatten_optimizer(opt.state_dict()) if opt is not None else ({}, None)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        rng = {"torch_rng": torch.get_rng_state()}
+        if cuda_present() and torch.cuda.is_initialized():
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
         doc = {"step": step, "meta": state.get("meta", {}), "param_groups": groups,
                "python_rng": _py_rng_to_json(random.getstate())}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1))
@@ -221,7 +230,10 @@ def load_checkpoint(folder: str | os.PathLike, params: dict[str, torch.Tensor],
             p.copy_(saved[k])
     if optimizer is not None and doc["param_groups"] is not None:
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), doc["param_groups"]))
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_rng"])
+    if "cuda_rng" in rng and cuda_present():
+        torch.cuda.set_rng_state(rng["cuda_rng"])
     random.setstate(_py_rng_from_json(doc["python_rng"]))
     return {"step": doc["step"], "meta": doc["meta"]}
 
@@ -231,7 +243,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors = {}
     for idx, st in sd["state"].items():
         for key, val in st.items():
-            tensors[f"state.{idx}.{key}"] = (val if torch.is_tensor(val) else torch.tensor(val)).contiguous()
+            tensors[f"state.{idx}.{key}"] = (val if torch.is_tensor(val) else torch.tensor(val, device="cpu")).cpu().contiguous()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, groups
 
