@@ -142,16 +142,22 @@ class Labeller:
             aspect: str | None = None) -> dict:
         """Label the prompts ``out`` lacks; ``aspect``: what they test (see ``LabelConfig``).
         Returns ``identical_dropped``: prompts left without a label because their two samples
-        were the same (a resumed run samples them again)."""
+        were the same.
+
+        Chunks are cut from the whole prompt list, not from what is left, and a chunk with
+        anything missing is sampled again whole (its seed is keyed by its first prompt): so a
+        resumed run draws the very samples an uninterrupted one draws, and a dropped pair is
+        dropped again instead of being sampled anew."""
         aspect = self.aspect(aspect)
         self.con.principles_for(aspect)  # fail before any sampling when none judges it
-        todo = [p for p in prompts if p.id not in out.done]
-        for start in range(0, len(todo), self.cfg.chunk_size):
-            chunk = todo[start : start + self.cfg.chunk_size]
-            out.append(self.label_chunk(chunk, aspect))
-            if progress is not None:
-                progress.update(len(chunk))
-        return {"identical_dropped": sum(p.id not in out.done for p in todo)}
+        for start in range(0, len(prompts), self.cfg.chunk_size):
+            chunk = prompts[start : start + self.cfg.chunk_size]
+            left = sum(p.id not in out.done for p in chunk)
+            if left:
+                out.append(self.label_chunk(chunk, aspect, skip=out.done))
+            if progress is not None and left:
+                progress.update(left)
+        return {"identical_dropped": sum(p.id not in out.done for p in prompts)}
 
     def sample_pairs(self, chunk: list[PromptRecord]) -> list[tuple[str, str]]:
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in chunk]
@@ -165,9 +171,11 @@ class Labeller:
             outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
         return [tuple(prompting.clean_response(s.text)[0] for s in o.samples) for o in outs]
 
-    def label_chunk(self, chunk: list[PromptRecord], aspect: str | None = None) -> list[dict]:
-        pairs = self.sample_pairs(chunk)
-        keep = [i for i, (a, b) in enumerate(pairs) if not same_response(a, b)]
+    def label_chunk(self, chunk: list[PromptRecord], aspect: str | None = None, skip=frozenset()) -> list[dict]:
+        """Sample a pair for every prompt of ``chunk``; label those whose id is not in
+        ``skip`` and whose two samples differ."""
+        pairs, key = self.sample_pairs(chunk), chunk[0].id
+        keep = [i for i, (a, b) in enumerate(pairs) if chunk[i].id not in skip and not same_response(a, b)]
         chunk, pairs = [chunk[i] for i in keep], [pairs[i] for i in keep]
         jobs = []  # (example index, principle, order)
         for i, p in enumerate(chunk):
@@ -183,7 +191,7 @@ class Labeller:
         if not jobs:
             return []
         if self.cfg.cot:
-            prompts = self._reason(prompts, chunk[0].id)
+            prompts = self._reason(prompts, key)
         probs = self.score(prompts)  # [J, 2]: p(A), p(B)
         return self._records(chunk, pairs, jobs, probs, aspect)
 

@@ -186,3 +186,21 @@ def test_identical_pairs_are_dropped_and_counted(tiny_engine, tmp_path):
         summary = lab.run([rec(i) for i in range(3)], out)
         assert out.count == 0
     assert summary == {"identical_dropped": 3} and path.read_text() == ""
+
+
+def test_a_resumed_chunk_is_sampled_whole_so_records_match(tiny_engine, tmp_path):
+    """A chunk with a prompt missing (its pair was dropped) is sampled again whole, with the
+    same seed: the resumed records are those of an uninterrupted run."""
+    lab = Labeller(tiny_engine, load_constitution("default"),
+                   LabelConfig(max_new_tokens=6, principles_per_pair=1, chunk_size=2, max_fewshot=0))
+    ps = [rec(i) for i in range(2)]
+    whole = lab.label_chunk(ps)
+    assert [r["id"] for r in whole] == ["x0", "x1"]
+    path = tmp_path / "labels.jsonl"
+    with ResumableJsonl(path, lab.meta()) as out:
+        out.append(whole[:1])  # x1 missing: a chunk cut from what is left would be [x1], seeded anew
+        assert lab.run(ps, out) == {"identical_dropped": 0}
+    resumed = sorted(map(json.loads, path.read_text().splitlines()), key=lambda r: r["id"])
+    assert [(r["id"], r["responses"]) for r in resumed] == [(r["id"], list(r["responses"])) for r in whole]
+    # scored alone rather than beside x0: the same probabilities up to float32 summation order
+    assert resumed[1]["p_first"] == pytest.approx(whole[1]["p_first"], abs=1e-4)
