@@ -101,7 +101,8 @@ class Conversation:
 def read_sft_file(path: str | Path) -> list[Conversation]:
     """JSON lines of SL-CAI records (``messages``, or ``init_prompt`` + ``revision_response``)
     or plain ``{"messages"}`` / ``{"prompt", "response"}`` records -> conversations."""
-    return [Conversation(record_messages(rec, where), where, sl_revisions(rec, where)) for where, rec in iter_jsonl(path)]
+    return [Conversation(record_messages(rec, where), where, sl_revisions(rec, where))
+            for where, rec in iter_jsonl(path)]
 
 
 def sl_revisions(rec: dict, where: str) -> list[str] | None:
@@ -129,7 +130,8 @@ def select_examples(convs: Sequence[Conversation], revisions: str = "final") -> 
         elif revisions == "final":
             out.append(c)
         else:
-            out += [Conversation([*c.messages[:-1], {"role": "assistant", "content": r}], f"{c.where} revision {k}")
+            prompt = c.messages[:-1]
+            out += [Conversation([*prompt, {"role": "assistant", "content": r}], f"{c.where} revision {k}")
                     for k, r in enumerate(c.revisions, 1)]
     return out, unrevised
 
