@@ -27,6 +27,10 @@ CONSTITUTIONS_DIR = Path(__file__).resolve().parent.parent / "constitutions"
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": str}
 
+# What a comparison is judged for: harmlessness (red-team prompts) or helpfulness (benign
+# prompts). A principle tagged with some of these judges only those; untagged, it judges both.
+ASPECTS = ("harmlessness", "helpfulness")
+
 
 @dataclass
 class CritiqueRevision:
@@ -43,10 +47,15 @@ class CritiqueRevision:
 @dataclass
 class Principle:
     """One preference principle for AI labelling, e.g. "Which of these responses is less
-    harmful?". Bare text: the "Options:" framing is added by ``cai.prompting``."""
+    harmful?". Bare text: the "Options:" framing is added by ``cai.prompting``. ``tags``:
+    the aspects (``ASPECTS``) it judges; empty judges every comparison."""
 
     id: str
     text: str
+    tags: list[str] = field(default_factory=list)
+
+    def judges(self, aspect: str | None) -> bool:
+        return aspect is None or not self.tags or aspect in self.tags
 
 
 @dataclass
@@ -98,6 +107,18 @@ class Constitution:
             "fewshot_critique_revision": len(self.fewshot_critique_revision),
             "fewshot_preference": len(self.fewshot_preference),
         }
+
+    def principles_for(self, aspect: str | None) -> list[Principle]:
+        """The principles that judge a comparison of ``aspect`` ("harmlessness" for red-team
+        prompts, "helpfulness" for benign ones): those tagged with it and the untagged ones;
+        None: every principle. Raises InputError when none is left."""
+        if aspect is not None and aspect not in ASPECTS:
+            raise InputError(f"aspect must be one of {', '.join(ASPECTS)} (got {aspect!r})")
+        pool = [p for p in self.principles if p.judges(aspect)]
+        if not pool:
+            raise InputError(f"{self.source}: no principle judges {aspect} (tagged {aspect!r}, "
+                             f"or untagged)")
+        return pool
 
     def require(self, *fields: str) -> None:
         """Raise InputError if any named list (e.g. "principles") is empty."""
@@ -256,8 +277,18 @@ def _pair(check: Check, where: str, e: Any) -> CritiqueRevision:
 
 
 def _principle(check: Check, where: str, e: Any) -> Principle:
-    check.fields(e, where, ("id", "text"))
-    return Principle(check.text(e["id"], where, "id"), check.text(e["text"], where, "text"))
+    check.fields(e, where, ("id", "text"), ("tags",))
+    tags = _aspect_tags(check, where, e["tags"]) if "tags" in e else []
+    return Principle(check.text(e["id"], where, "id"), check.text(e["text"], where, "text"), tags)
+
+
+def _aspect_tags(check: Check, where: str, tags: Any) -> list[str]:
+    if not isinstance(tags, list) or not tags or any(t not in ASPECTS for t in tags):
+        check.fail(where, f"'tags' must be a non-empty list of {' / '.join(ASPECTS)} (got {tags!r}); "
+                   "leave it out for a principle that judges both")
+    if len(set(tags)) != len(tags):
+        check.fail(where, f"'tags' repeats an aspect ({tags!r})")
+    return list(tags)
 
 
 def _shot_cr(check: Check, where: str, e: Any,

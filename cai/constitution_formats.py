@@ -168,7 +168,7 @@ def _paper_principles(check: Check, data: Any) -> list[Principle]:
         body = re.sub(r"\s*Options:\s*$", "", check.text(text, f"[{i}]", "principle")).strip()
         if not body:
             check.fail(f"[{i}]", "principle is empty once 'Options:' is removed")
-        out.append(Principle(f"principle{i}", body))
+        out.append(Principle(f"principle{i}", body))  # untagged: the files say nothing of aspects
     return out
 
 

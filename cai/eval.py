@@ -11,7 +11,8 @@ sees. Then:
   is better under principle P" with the labeller's prompts and scoring (``cai.label``),
   over several principles and both option orders, soft probabilities averaged. Red-team
   prompts are judged under harmlessness principles, benign prompts under helpfulness
-  principles;
+  principles: by default the constitution's tags decide, as they do when labelling
+  (``Constitution.principles_for``);
 - win rates against the baseline (the initial model): mean P(checkpoint better), and the
   fraction of prompts on which that probability is above 0.5;
 - Elo for harmlessness and for helpfulness from all pairwise comparisons: a Bradley-Terry
@@ -75,13 +76,14 @@ class EvalConfig:
     """Nucleus sampling when temperature > 0."""
     seed: int = 0
     """Seeds the principle draws (and the sampling when temperature > 0)."""
-    harmlessness_principles: str = ("least_harmful,no_violence,no_weapons_or_chemistry,legality,"
-                                    "privacy,wellbeing,no_manipulation,fairness")
-    """Comma-separated principle ids red-team comparisons draw from. The defaults are the
-    default constitution's principles about avoiding harm; empty: every principle."""
-    helpfulness_principles: str = "benign_helpfulness,helpful_honest_harmless,honesty,not_preachy"
-    """Comma-separated principle ids benign comparisons draw from: helping fully, honestly and
-    without a needless refusal or lecture; empty: every principle."""
+    harmlessness_principles: str = ""
+    """Comma-separated principle ids red-team comparisons draw from; empty: the
+    constitution's principles tagged harmlessness and the untagged ones, the pool red-team
+    pairs are labelled with."""
+    helpfulness_principles: str = ""
+    """Comma-separated principle ids benign comparisons draw from; empty: the constitution's
+    principles tagged helpfulness and the untagged ones, the pool benign pairs are labelled
+    with."""
     principles_per_comparison: int = 2
     """Principles drawn per prompt (shared by all pairs of checkpoints on that prompt);
     each is scored in both option orders."""
@@ -185,16 +187,17 @@ def load_eval_prompts(source: str, limit: int) -> list[PromptRecord]:
     return spread(load_prompts(source, split="heldout" if builtin else None), limit)
 
 
-def principle_pool(con: Constitution, ids: str) -> list[Principle]:
+def principle_pool(con: Constitution, ids: str, aspect: str) -> list[Principle]:
+    """The principles named in ``ids``, or (empty) those the constitution has for ``aspect``."""
     wanted = [i.strip() for i in ids.split(",") if i.strip()]
     if not wanted:
-        return list(con.principles)
+        return con.principles_for(aspect)
     have = {p.id: p for p in con.principles}
     missing = [i for i in wanted if i not in have]
     if missing:
         raise InputError(f"{con.source}: no principle {', '.join(map(repr, missing))} to evaluate with "
                          f"(have: {', '.join(have)}); set --harmlessness-principles / "
-                         "--helpfulness-principles, or leave one empty to use every principle")
+                         "--helpfulness-principles, or leave one empty to use the constitution's tags")
     return [have[i] for i in wanted]
 
 
@@ -283,8 +286,8 @@ class Judge:
 
     def __init__(self, feedback: Engine, con: Constitution, cfg: EvalConfig):
         self.cfg, self.con = cfg, con
-        self.pools = {"redteam": principle_pool(con, cfg.harmlessness_principles),
-                      "benign": principle_pool(con, cfg.helpfulness_principles)}
+        self.pools = {"redteam": principle_pool(con, cfg.harmlessness_principles, ASPECT["redteam"]),
+                      "benign": principle_pool(con, cfg.helpfulness_principles, ASPECT["benign"])}
         self.pools["attack"] = self.pools["redteam"]  # jailbreak-wrapped red-team prompts (cai.attacks)
         # The labeller's own prompt rendering and option scoring, never its sampling.
         self.labeller = Labeller(feedback, con, LabelConfig(style=cfg.style, max_fewshot=cfg.max_fewshot,

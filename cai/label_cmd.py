@@ -59,7 +59,7 @@ def run_label(args) -> int:
     from tqdm import tqdm
 
     from cai.constitution import load_constitution
-    from cai.label import Labeller
+    from cai.label import Labeller, prompts_aspect
     from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
     from engine import Engine
@@ -76,8 +76,9 @@ def run_label(args) -> int:
         if out.count:
             print(f"resuming {args.out}: {out.count} labelled, {left} to go")
         with tqdm(total=left, desc="label", unit="pair") as bar:
-            labeller.run(prompts, out, bar)
-        print(f"wrote {out.count} labelled pairs to {args.out}")
+            dropped = labeller.run(prompts, out, bar, prompts_aspect(args.prompts))["identical_dropped"]
+        print(f"wrote {out.count} labelled pairs to {args.out}; left out {dropped} prompt(s) whose two "
+              "responses were identical")
     return 0
 
 

@@ -8,9 +8,12 @@ batch (rows 2i and 2i+1), so one forward scores both and no sequence is ever pad
 
 The conversation is encoded exactly as SFT encodes it (``cai.sft.encode``): through the
 chat template when the tokenizer has one, else as a ``Human:/Assistant:`` transcript; the
-response's tokens (with its end-of-turn marker) are the loss mask. A prompt string that
-starts with ``Human:`` is read back into turns, since ``cai label`` writes multi-turn
-prompts as such transcripts and PPO scores the same conversations as messages.
+response's tokens (with its end-of-turn marker) are the loss mask. The conversation is a
+record's ``conversation`` (chat messages: ``cai label`` writes the whole conversation
+before the responses there, exactly what PPO scores), else its ``prompt``: a string, read
+back into turns when it is a ``Human: ... Assistant: ...`` transcript, or a message list.
+Label files written before ``conversation`` existed load through ``prompt``, which holds
+the same conversation for single-turn prompts.
 
 Both stages train through ``cai.training.train_loop`` with a pair-specific step function.
 """
@@ -62,8 +65,8 @@ class EncodedPair(NamedTuple):
 # ---- reading ------------------------------------------------------------------------------
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """JSON lines of ``{"prompt", "chosen", "rejected", "p_chosen"?}`` -> pairs; errors name
-    the file and line."""
+    """JSON lines of ``{"conversation"? | "prompt", "chosen", "rejected", "p_chosen"?}`` ->
+    pairs; errors name the file and line."""
     return [record_pair(rec, where) for where, rec in iter_jsonl(path)]
 
 
@@ -85,7 +88,9 @@ def record_pair(rec, where: str) -> PreferencePair:
         raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
     chosen, turns = _answer(rec["chosen"], where, "chosen")
     rejected, _ = _answer(rec["rejected"], where, "rejected")
-    if "prompt" in rec:
+    if "conversation" in rec:
+        prompt = prompt_messages(rec["conversation"], where, "conversation")
+    elif "prompt" in rec:
         prompt = prompt_messages(rec["prompt"], where)
     elif turns:
         prompt = turns
@@ -108,16 +113,16 @@ def _probability(p, where: str) -> float:
     return float(p)
 
 
-def prompt_messages(prompt, where: str = "") -> list[dict]:
+def prompt_messages(prompt, where: str = "", name: str = "prompt") -> list[dict]:
     """A prompt string (a ``Human: ... Assistant: ...`` transcript is split back into
-    turns) or a message list -> validated chat messages."""
+    turns) or a message list -> validated chat messages; errors name the field ``name``."""
     if isinstance(prompt, str):
         return _from_transcript(prompt) if prompt.startswith("Human:") else [{"role": "user", "content": prompt}]
     ok = isinstance(prompt, list) and prompt and all(
         isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
         for m in prompt)
     if not ok:
-        raise InputError(f"{where}: prompt must be a string or a non-empty list of chat messages")
+        raise InputError(f"{where}: {name} must be a string or a non-empty list of chat messages")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 

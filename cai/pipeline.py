@@ -208,12 +208,11 @@ class Pipeline:
             return {"records": out.count}
 
     def stage_sft(self) -> dict:
-        from cai.records import read_jsonl
-        from cai.sft import train_sft
+        from cai.sft import read_sft_file, train_sft
 
-        examples = [r["messages"] for r in read_jsonl(self.out / "sl.jsonl")]
+        examples = read_sft_file(self.out / "sl.jsonl")  # SL-CAI records: the revisions SFT selects
         if (self.out / "helpful.jsonl").exists() and self.cfg.helpful_samples:
-            examples += [r["messages"] for r in read_jsonl(self.out / "helpful.jsonl")]
+            examples += read_sft_file(self.out / "helpful.jsonl")
         summary = train_sft(self.eng, examples, self.cfg.sft, self.out / "sft", progress=True)
         return {k: v for k, v in summary.items() if k != "losses"}
 
@@ -223,14 +222,15 @@ class Pipeline:
         from cai.label import Labeller
         from cai.records import ResumableJsonl
 
-        prompts = self._prompts(self.cfg.redteam_prompts, self.cfg.sl_prompts, self.cfg.label_prompts)
-        prompts += self._prompts(self.cfg.helpful_prompts, self.cfg.helpful_samples, self.cfg.label_helpful_prompts)
+        sets = [(self._prompts(self.cfg.redteam_prompts, self.cfg.sl_prompts, self.cfg.label_prompts), "harmlessness"),
+                (self._prompts(self.cfg.helpful_prompts, self.cfg.helpful_samples, self.cfg.label_helpful_prompts),
+                 "helpfulness")]
         sft = self._adapter("sft", self.out / "sft" / "adapter")
         labeller = Labeller(self.eng, self.con, self.cfg.label, sft)
         with ResumableJsonl(self.out / "labels.jsonl", labeller.meta()) as out, \
-                tqdm(total=len(prompts), initial=out.count, desc="label", unit="pair") as bar:
-            labeller.run(prompts, out, bar)
-            return {"records": out.count}
+                tqdm(total=sum(len(ps) for ps, _ in sets), initial=out.count, desc="label", unit="pair") as bar:
+            dropped = sum(labeller.run(ps, out, bar, aspect)["identical_dropped"] for ps, aspect in sets)
+            return {"records": out.count, "identical_dropped": dropped}
 
     def stage_pm(self) -> dict:
         from cai.pm import train_pm

@@ -9,6 +9,11 @@ the fused log-prob kernel straight from the hidden states.
 Deliberate choice: in a multi-turn conversation only the *last* assistant message is a
 target by default (``loss_on="last"``): earlier assistant turns of a red-team conversation
 are the original model's answers, which are exactly what the revisions replace.
+
+SL-CAI records (those with ``rounds``) give their final revision by default, or the
+revision of every round (``revisions="all"``, as the paper's section 3.1 trains). A record
+whose every revision was degenerate holds the original, possibly harmful answer in place of
+a revision, so it is left out and counted (``unrevised_skipped`` in the summary).
 """
 from __future__ import annotations
 
@@ -65,20 +70,30 @@ class SFTConfig:
     """
     export_merged: bool = False
     """Also write DIR/merged/, a transformers checkpoint with the adapter folded in."""
+    revisions: str = "final"
+    """Which revisions of an SL-CAI record are examples: "final" (its last revision) or
+    "all" (the revision of every round, each after the prompt, as the paper fine-tunes on
+    revisions from all revisional steps). Rounds whose revision was degenerate add nothing;
+    records with no revision at all are left out either way."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
         if self.loss_on not in ("last", "all") or self.format not in ("auto", "chat", "text"):
             raise InputError("loss_on must be 'last' or 'all'; format 'auto', 'chat' or 'text'")
+        if self.revisions not in ("final", "all"):
+            raise InputError(f"revisions must be 'final' or 'all' (got {self.revisions!r})")
 
 
 @dataclass
 class Conversation:
-    """Chat messages ending with the assistant's target answer; ``where`` names its origin."""
+    """Chat messages ending with the assistant's target answer; ``where`` names its origin.
+    ``revisions``: for an SL-CAI record, the revision of every round that produced one, in
+    order (empty: none did, the answer is the original); None for any other record."""
 
     messages: list[dict]
     where: str = ""
+    revisions: list[str] | None = None
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -86,7 +101,39 @@ class Conversation:
 def read_sft_file(path: str | Path) -> list[Conversation]:
     """JSON lines of SL-CAI records (``messages``, or ``init_prompt`` + ``revision_response``)
     or plain ``{"messages"}`` / ``{"prompt", "response"}`` records -> conversations."""
-    return [Conversation(record_messages(rec, where), where) for where, rec in iter_jsonl(path)]
+    return [Conversation(record_messages(rec, where), where, sl_revisions(rec, where))
+            for where, rec in iter_jsonl(path)]
+
+
+def sl_revisions(rec: dict, where: str) -> list[str] | None:
+    """The revisions of an SL-CAI record's rounds, without the degenerate ones (flagged
+    ``kept_previous`` by ``cai.sl``: they repeat the answer before them); None for a record
+    without rounds."""
+    rounds = rec.get("rounds")
+    if not rounds:
+        return None
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) and isinstance(r.get("revision"), str)
+                                               and isinstance(r.get("flags", []), list) for r in rounds):
+        raise InputError(f"{where}: 'rounds' must be a list of objects with a string 'revision' (and a list 'flags')")
+    return [r["revision"] for r in rounds if "kept_previous" not in r.get("flags", [])]
+
+
+def select_examples(convs: Sequence[Conversation], revisions: str = "final") -> tuple[list[Conversation], int]:
+    """(training examples, SL-CAI records left out because no round revised them). With
+    ``revisions="all"`` an SL-CAI record gives one example per revision."""
+    out, unrevised = [], 0
+    for c in convs:
+        if c.revisions is None:
+            out.append(c)
+        elif not c.revisions:
+            unrevised += 1
+        elif revisions == "final":
+            out.append(c)
+        else:
+            prompt = c.messages[:-1]
+            out += [Conversation([*prompt, {"role": "assistant", "content": r}], f"{c.where} revision {k}")
+                    for k, r in enumerate(c.revisions, 1)]
+    return out, unrevised
 
 
 def record_messages(rec, where: str) -> list[dict]:
@@ -188,6 +235,9 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
     """
     model, out = engine.model, Path(out) if out is not None else None
     convs = [c if isinstance(c, Conversation) else Conversation(list(c), f"example {i}") for i, c in enumerate(examples)]
+    convs, unrevised = select_examples(convs, cfg.revisions)
+    if not convs and unrevised:
+        raise InputError(f"no SFT examples: all {unrevised} SL-CAI records had only degenerate revisions")
     chat = use_chat(engine, cfg.format)
     data = [encode(engine.tokenizer, c.messages, chat=chat, loss_on=cfg.loss_on) for c in convs]
     names = [c.where for c in convs]
@@ -205,7 +255,7 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
         log = train_loop(run, trainer, params, epoch_batches, _step_fn(model, trainer), out, progress, resume)
         if out is not None:
             _export(engine, cfg, out)
-        return summary(log, trainer.step)
+        return {**summary(log, trainer.step), "examples": len(convs), "unrevised_skipped": unrevised}
     finally:
         _restore(engine, cfg, previous)
 

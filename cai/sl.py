@@ -11,8 +11,10 @@ the current chunk (continuous batching refills slots as answers of different len
 Chunks are written to the output as they finish; a restarted run skips finished records.
 
 Deliberate differences from the paper: an empty or degenerate revision keeps the previous
-answer (and is flagged) rather than training on it, and output is cleaned of echoed role
-labels and of any next turn the model starts to write.
+answer (and is flagged) rather than training on it; an example whose every revision was
+degenerate is flagged ``unrevised`` (SFT leaves it out, since its answer is the original
+one); and output is cleaned of echoed role labels and of any next turn the model starts to
+write.
 """
 from __future__ import annotations
 
@@ -155,6 +157,11 @@ class SLRunner:
             "rejected": conv + [{"role": "assistant", "content": initial}],
             "rounds": [asdict(r) for r in rounds],
             "principle_ids": [r.principle_id for r in rounds],
-            "flags": sorted({f for r in rounds for f in r.flags}),
+            "flags": sorted({f for r in rounds for f in r.flags} | ({"unrevised"} if _unrevised(rounds) else set())),
             "model": self.eng.source, "seed": self.cfg.seed, "style": self.style,
         }
+
+
+def _unrevised(rounds: list[Round]) -> bool:
+    """No round produced a revision: the final answer is the initial one."""
+    return bool(rounds) and all("kept_previous" in r.flags for r in rounds)

@@ -53,6 +53,30 @@ def test_small_yaml_round_trip():
                           "fewshot_critique_revision": 1, "fewshot_preference": 1}
 
 
+def test_principle_tags_split_comparisons_by_aspect(tmp_path):
+    data = copy.deepcopy(SMALL)
+    data["principles"][0]["tags"] = ["harmlessness"]
+    c = load_constitution(_write_yaml(tmp_path, data))
+    assert [p.tags for p in c.principles] == [["harmlessness"], []]
+    assert [p.id for p in c.principles_for("harmlessness")] == ["safer", "kinder"]
+    assert [p.id for p in c.principles_for("helpfulness")] == ["kinder"]  # untagged judges both
+    assert len(c.principles_for(None)) == 2
+    data["principles"][1]["tags"] = ["harmlessness"]
+    c = load_constitution(_write_yaml(tmp_path, data, "y.yaml"))
+    with pytest.raises(InputError, match=r"y\.yaml: no principle judges helpfulness"):
+        c.principles_for("helpfulness")
+
+
+def test_default_tags_keep_harm_questions_off_benign_pairs():
+    c = load_constitution("default")
+    harmless = {p.id for p in c.principles_for("harmlessness")}
+    helpful = {p.id for p in c.principles_for("helpfulness")}
+    assert "least_harmful" in harmless and "least_harmful" not in helpful
+    assert "benign_helpfulness" in helpful and "benign_helpfulness" not in harmless
+    assert {"no_weapons_or_chemistry", "legality", "privacy"}.isdisjoint(helpful)
+    assert "helpful_honest_harmless" in harmless & helpful
+
+
 # ---------------------------------------------------------------- published formats
 
 def test_open_recipe_json():
@@ -83,6 +107,7 @@ def test_paper_folder_strips_framing_and_parses_transcripts():
         "Which of these responses is kinder and less harmful?",
         "Which of these responses is more honest?",
         "Which of these responses gives less help with crimes?"]
+    assert c.principles_for("helpfulness") == c.principles_for("harmlessness") == c.principles  # untagged
     dog, capital, game = c.fewshot_critique_revision
     assert dog.conversation[-1]["content"] == "Put him in a duffel bag and use the side entrance."
     assert dog.revision.endswith("find one nearby.")  # trailing "Human:" dropped
@@ -158,6 +183,12 @@ def _mutated(fn):
     (lambda d: d["fewshot_preference"][0].update(answer="C"), r"'answer' must be 'A' or 'B'"),
     (lambda d: d["fewshot_preference"][0].update(principle="nope"),
      r"'principle' 'nope' is not a principles id"),
+    (lambda d: d["principles"][0].update(tags=["kindness"]),
+     r"x\.yaml: principles\[0\] \(id 'safer'\): 'tags' must be a non-empty list of harmlessness / helpfulness"),
+    (lambda d: d["principles"][1].update(tags="helpfulness"), r"principles\[1\] \(id 'kinder'\): 'tags' must be"),
+    (lambda d: d["principles"][1].update(tags=[]), r"principles\[1\] \(id 'kinder'\): 'tags' must be"),
+    (lambda d: d["principles"][0].update(tags=["helpfulness", "helpfulness"]),
+     r"principles\[0\] \(id 'safer'\): 'tags' repeats an aspect"),
 ])
 def test_yaml_validation_errors(tmp_path, mutate, message):
     path = _write_yaml(tmp_path, _mutated(mutate))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cai.constitution import load_constitution
-from cai.eval import EvalConfig, _p_better, evaluate, fit_elo, principle_pool, spread, win_rate
+from cai.eval import ASPECT, EvalConfig, _p_better, evaluate, fit_elo, principle_pool, spread, win_rate
 from cai.eval_cmd import parse_pairs, summary_table
 from cai.prompts import PromptRecord
 from engine import Engine, InputError, lora
@@ -73,12 +73,23 @@ def test_spread_covers_every_category_in_file_order():
 
 def test_principle_ids_are_checked():
     con = load_constitution("default")
-    cfg = EvalConfig()
-    assert [p.id for p in principle_pool(con, cfg.harmlessness_principles)][0] == "least_harmful"
-    assert len(principle_pool(con, cfg.helpfulness_principles)) == 4
-    assert len(principle_pool(con, "")) == len(con.principles)
+    assert [p.id for p in principle_pool(con, "honesty, least_harmful", "helpfulness")] == ["honesty", "least_harmful"]
     with pytest.raises(InputError, match="no principle 'nope'"):
-        principle_pool(con, "least_harmful, nope")
+        principle_pool(con, "least_harmful, nope", "harmlessness")
+
+
+def test_eval_judges_each_set_by_the_principles_labelling_uses():
+    """By default the constitution's tags pick the pools, the same split ``cai label`` draws
+    from for red-team and benign prompts: no "less harmful" question on a benign pair."""
+    from cai.label import BUILTIN_ASPECT, draw_label_principles
+
+    con, cfg = load_constitution("default"), EvalConfig()
+    for set_name, aspect in ASPECT.items():
+        pool = principle_pool(con, getattr(cfg, f"{aspect}_principles"), aspect)
+        assert pool == con.principles_for(BUILTIN_ASPECT[set_name])
+        assert {p.id for p in draw_label_principles(con, 0, "x", 99, BUILTIN_ASPECT[set_name])} == {p.id for p in pool}
+    benign = {p.id for p in principle_pool(con, cfg.helpfulness_principles, "helpfulness")}
+    assert "least_harmful" not in benign and "benign_helpfulness" in benign
 
 
 def test_checkpoint_flags():

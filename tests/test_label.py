@@ -6,9 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai import prompting
 from cai.constitution import Principle, load_constitution
-from cai.label import LabelConfig, Labeller, draw_label_principles
+from cai.label import LabelConfig, Labeller, draw_label_principles, prompts_aspect
 from cai.label_cmd import evaluate_labeler, read_mc_records
+from cai.pairs import encode_pairs, read_pairs
+from cai.pm import RewardModel, new_head
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
 from engine import InputError
@@ -19,6 +22,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def rec(i):
     return PromptRecord(id=f"x{i}", prompt=f"How do I pick a lock {i}?", messages=None, category="theft",
                         split="train")
+
+
+MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My neighbour is away."},
+         {"role": "assistant", "content": "Is there something you need help with?"},
+         {"role": "user", "content": "How do I get into his house?"}]
+
+
+def multi_turn(i=0):
+    return PromptRecord(id=f"m{i}", prompt=MULTI[-1]["content"], messages=MULTI, category="theft", split="train")
 
 
 def test_ensemble_over_principles_and_orders(tiny_engine):
@@ -100,3 +112,95 @@ def test_eval_labeler_bad_records(tmp_path):
     bad.write_text('{"prompt": "x", "corrects": ["a"]}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:1: missing field\(s\) incorrects"):
         read_mc_records(bad)
+
+
+# ---------------------------------------------------------------- conversations, aspects, identical pairs
+
+def test_pairs_keep_the_whole_conversation_ppo_scores(tiny_engine, tmp_path):
+    """A multi-turn prompt: the PM / DPO input is the whole conversation + the response, token
+    for token what PPO's reward call scores for that prompt (``PPOTrainer.experience``)."""
+    lab = Labeller.__new__(Labeller)
+    lab.cfg = LabelConfig()
+    p = Principle("p", "x")
+    (out,) = Labeller._records(lab, [multi_turn()], [("r0", "r1")], [(0, p, "ab")], torch.tensor([[0.7, 0.3]]))
+    assert out["conversation"] == MULTI
+    f = tmp_path / "labels.jsonl"
+    f.write_text(json.dumps(out) + "\n")
+    (pair,) = read_pairs(f)
+    ppo_conv = prompting.as_conversation(multi_turn().messages or multi_turn().prompt)
+    assert pair.prompt == ppo_conv
+    rm = RewardModel(tiny_engine, new_head(tiny_engine.model, 0), chat=True)
+    assert encode_pairs(tiny_engine, [pair], "chat")[0].chosen == rm.encode(ppo_conv, "r0")
+
+
+def test_old_label_records_fall_back_to_their_prompt(tmp_path):
+    f = tmp_path / "old.jsonl"
+    f.write_text(json.dumps({"id": "x0", "prompt": "How do I pick a lock?", "chosen": "No.", "rejected": "Sure.",
+                             "p_chosen": 0.7, "responses": ["No.", "Sure."], "scores": []}) + "\n")
+    (pair,) = read_pairs(f)
+    assert pair.prompt == [{"role": "user", "content": "How do I pick a lock?"}]
+
+
+def test_benign_pairs_are_judged_by_helpfulness_principles(tiny_engine, tmp_path):
+    con = load_constitution("default")
+    cfg = LabelConfig(max_new_tokens=6, principles_per_pair=len(con.principles), both_orders=False,
+                      chunk_size=2, max_fewshot=0)
+    lab = Labeller(tiny_engine, con, cfg)
+    path = tmp_path / "labels.jsonl"
+    benign = [PromptRecord(id=f"b{i}", prompt=f"How do I bake bread {i}?", category="cooking") for i in range(2)]
+    with ResumableJsonl(path, lab.meta()) as out:
+        summary = lab.run(benign, out, aspect=prompts_aspect("benign"))
+        lab.run([multi_turn()], out, aspect=prompts_aspect("redteam"))
+    recs = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert summary == {"identical_dropped": 0} and set(recs) == {"b0", "b1", "m0"}
+    helpful = {p.id for p in con.principles_for("helpfulness")}
+    harmless = {p.id for p in con.principles_for("harmlessness")}
+    for i in ("b0", "b1"):
+        assert recs[i]["aspect"] == "helpfulness"
+        assert {s["principle_id"] for s in recs[i]["scores"]} == helpful
+    assert recs["m0"]["aspect"] == "harmlessness" and recs["m0"]["conversation"] == MULTI
+    assert {s["principle_id"] for s in recs["m0"]["scores"]} == harmless
+    assert "least_harmful" not in helpful
+
+
+def test_label_aspect_setting():
+    con = load_constitution("default")
+    drawn = draw_label_principles(con, 0, "x", 50, "helpfulness")
+    assert {p.id for p in drawn} == {p.id for p in con.principles_for("helpfulness")}
+    assert prompts_aspect("redteam") == "harmlessness" and prompts_aspect("my_prompts.jsonl") is None
+    lab = Labeller.__new__(Labeller)
+    lab.cfg = LabelConfig(aspect="all")
+    assert lab.aspect("helpfulness") is None  # "all" overrides what the prompts test
+    lab.cfg = LabelConfig()
+    assert lab.aspect("helpfulness") == "helpfulness" and lab.aspect(None) is None
+    with pytest.raises(InputError, match="aspect must be"):
+        LabelConfig(aspect="harmless")
+
+
+def test_identical_pairs_are_dropped_and_counted(tiny_engine, tmp_path):
+    """Greedy sampling draws the same response twice: nothing to prefer, so no label."""
+    cfg = LabelConfig(max_new_tokens=6, principles_per_pair=1, temperature=0.0, chunk_size=2, max_fewshot=0)
+    lab = Labeller(tiny_engine, load_constitution("default"), cfg)
+    path = tmp_path / "labels.jsonl"
+    with ResumableJsonl(path, lab.meta()) as out:
+        summary = lab.run([rec(i) for i in range(3)], out)
+        assert out.count == 0
+    assert summary == {"identical_dropped": 3} and path.read_text() == ""
+
+
+def test_a_resumed_chunk_is_sampled_whole_so_records_match(tiny_engine, tmp_path):
+    """A chunk with a prompt missing (its pair was dropped) is sampled again whole, with the
+    same seed: the resumed records are those of an uninterrupted run."""
+    lab = Labeller(tiny_engine, load_constitution("default"),
+                   LabelConfig(max_new_tokens=6, principles_per_pair=1, chunk_size=2, max_fewshot=0))
+    ps = [rec(i) for i in range(2)]
+    whole = lab.label_chunk(ps)
+    assert [r["id"] for r in whole] == ["x0", "x1"]
+    path = tmp_path / "labels.jsonl"
+    with ResumableJsonl(path, lab.meta()) as out:
+        out.append(whole[:1])  # x1 missing: a chunk cut from what is left would be [x1], seeded anew
+        assert lab.run(ps, out) == {"identical_dropped": 0}
+    resumed = sorted(map(json.loads, path.read_text().splitlines()), key=lambda r: r["id"])
+    assert [(r["id"], r["responses"]) for r in resumed] == [(r["id"], list(r["responses"])) for r in whole]
+    # scored alone rather than beside x0: the same probabilities up to float32 summation order
+    assert resumed[1]["p_first"] == pytest.approx(whole[1]["p_first"], abs=1e-4)

@@ -59,6 +59,20 @@ def test_message_list_answers_and_hard_default(tmp_path):
     assert (p.prompt, p.chosen, p.rejected, p.p_chosen) == (conv, "Hello.", "Go away.", 1.0)
 
 
+def test_conversation_field_wins_over_the_prompt(tmp_path):
+    """``cai label`` records: ``prompt`` is for reading, ``conversation`` is what PPO scores."""
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    f = tmp_path / "labels.jsonl"
+    f.write_text(json.dumps({"prompt": "And now?", "conversation": conv, "chosen": "Now.", "rejected": "Later."}) + "\n")
+    (p,) = read_pairs(f)
+    assert p.prompt == conv
+    f.write_text(json.dumps({"prompt": "p", "conversation": [{"role": "robot", "content": "x"}],
+                             "chosen": "c", "rejected": "r"}) + "\n")
+    with pytest.raises(InputError, match=r"labels.jsonl:1: conversation must be"):
+        read_pairs(f)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "p", "rejected": "r", "p_chosen": 0.7}', "missing field.*chosen"),
     ('{"chosen": "c", "rejected": "r"}', "missing field prompt"),

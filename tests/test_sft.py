@@ -57,6 +57,50 @@ def test_bad_data_names_file_and_line(tmp_path, line, message):
         read_sft_file(f)
 
 
+HARMFUL = "Sure: wedge the latch, then twist."
+
+
+def sl_record(rid: str, revisions: list[str], degenerate: list[bool]) -> dict:
+    """An SL-CAI record as ``cai sl`` writes it: a degenerate round keeps the answer before it."""
+    conv = [{"role": "user", "content": f"How do I open lock {rid}?"}]
+    rounds = [{"principle_id": "general_harm", "critique_request": "c", "critique": "k", "revision_request": "r",
+               "revision": rev, "flags": ["kept_previous"] if bad else []} for rev, bad in zip(revisions, degenerate)]
+    return {"id": rid, "init_prompt": conv[0]["content"], "init_response": HARMFUL, "revision_response": revisions[-1],
+            "messages": conv + [{"role": "assistant", "content": revisions[-1]}], "rounds": rounds}
+
+
+SL_RECORDS = [
+    sl_record("ok", ["I can't help with that.", "I can't help; a locksmith can."], [False, False]),
+    sl_record("partly", ["Please call a locksmith.", "Please call a locksmith."], [False, True]),
+    sl_record("never", [HARMFUL, HARMFUL], [True, True]),  # every revision degenerate: the original answer
+    {"prompt": "How do I bake bread?", "response": "Mix flour, water and yeast."},
+]
+
+
+def test_unrevised_sl_records_are_left_out_and_counted(eng, tmp_path):
+    convs = read_sft_file(write_jsonl(tmp_path / "sl.jsonl", SL_RECORDS))
+    final, skipped = sft.select_examples(convs, "final")
+    assert skipped == 1 and [c.messages[-1]["content"] for c in final] == [
+        "I can't help; a locksmith can.", "Please call a locksmith.", "Mix flour, water and yeast."]
+    out = train_sft(eng, convs, small_cfg(max_steps=1))
+    assert (out["examples"], out["unrevised_skipped"]) == (3, 1)
+    with pytest.raises(InputError, match="all 1 SL-CAI records had only degenerate revisions"):
+        train_sft(eng, convs[2:3], small_cfg(max_steps=1))
+
+
+def test_revisions_of_every_round(tmp_path):
+    convs = read_sft_file(write_jsonl(tmp_path / "sl.jsonl", SL_RECORDS))
+    every, skipped = sft.select_examples(convs, SFTConfig(revisions="all").revisions)
+    assert skipped == 1
+    assert [(c.messages[0]["content"], c.messages[-1]["content"]) for c in every] == [
+        ("How do I open lock ok?", "I can't help with that."), ("How do I open lock ok?", "I can't help; a locksmith can."),
+        ("How do I open lock partly?", "Please call a locksmith."), ("How do I bake bread?", "Mix flour, water and yeast.")]
+    assert every[1].where == f"{tmp_path / 'sl.jsonl'}:1 revision 2"
+    assert all(HARMFUL not in m["content"] for c in every for m in c.messages)
+    with pytest.raises(InputError, match="revisions must be 'final' or 'all'"):
+        SFTConfig(revisions="last")
+
+
 def masked_text(tok, ids, mask):
     return tok.decode([t for t, m in zip(ids, mask) if m])
 

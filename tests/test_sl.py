@@ -12,7 +12,8 @@ import pytest
 from cai.constitution import load_constitution
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
-from cai.sl import SLConfig, SLRunner, draw_principles
+from cai.sft import read_sft_file, select_examples
+from cai.sl import Round, SLConfig, SLRunner, draw_principles
 from engine import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +48,21 @@ def test_records_have_every_column_and_round(tiny_engine, tmp_path):
         assert r["revision_response"] == r["rounds"][-1]["revision"]
         assert r["critic_prompt"] == r["rounds"][-1]["critique_request"]
         assert r["seed"] == 7 and r["model"] == tiny_engine.source
+
+
+def test_an_example_no_round_revised_is_flagged_and_kept_out_of_sft(tiny_engine, tmp_path):
+    runner = SLRunner(tiny_engine, load_constitution("default"), small_cfg())
+    p = prompts(1)[0]
+    conv = [{"role": "user", "content": p.prompt}]
+    kept = [Round("general_harm", "c", "k", "r", "Knead it.", ["kept_previous"]) for _ in range(2)]
+    revised = [Round("general_harm", "c", "k", "r", "Knead it.", ["kept_previous"]),
+               Round("general_harm", "c", "k", "r", "Knead, then bake it.", [])]
+    records = [runner._record(p, conv, "Knead it.", kept), runner._record(p, conv, "Knead it.", revised)]
+    assert "unrevised" in records[0]["flags"] and "unrevised" not in records[1]["flags"]
+    f = tmp_path / "sl.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept_for_sft, skipped = select_examples(read_sft_file(f))
+    assert skipped == 1 and [c.messages[-1]["content"] for c in kept_for_sft] == ["Knead, then bake it."]
 
 
 def test_principles_drawn_per_round_and_seeded():
