@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cai.config import positive_int
 from engine.errors import InputError
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.add_argument("--profile", metavar="PATH", default=None,
                        help="write a Chrome trace (torch.profiler, with the NVTX phase names) of the first steps")
-        p.add_argument("--profile-steps", type=int, default=8, metavar="N",
+        p.add_argument("--profile-steps", type=positive_int, default=8, metavar="N",
                        help="steps (decode, train or scoring steps) the --profile trace covers (default: 8)")
     return parser
 

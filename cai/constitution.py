@@ -15,6 +15,7 @@ changes what the model is trained towards.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,22 +218,48 @@ def load_constitution(path: str | Path) -> Constitution:
                      f"folder of the paper repository's files)")
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_name(source: str, names, what: str, warn: bool = False) -> str | None:
+    """The built-in ``source`` names (``default`` or ``builtin:default``), else None.
+
+    A plain name always means the built-in, so that a file or folder of that name in the
+    current folder cannot replace it unnoticed; with ``warn`` such a clash is reported, with
+    the spelling that reads the file instead.
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in names:
+            raise InputError(f"{source}: no built-in {what} of that name (built-in: {', '.join(sorted(names))})")
+        return name
+    if source not in names:
+        return None
+    if warn and Path(source).exists():
+        print(f"warning: '{source}' is the built-in {what}; the {'folder' if Path(source).is_dir() else 'file'} "
+              f"'{source}' here is not read (write ./{source} to use it)", file=sys.stderr)
+    return source
+
+
 def resolve_path(path: str | Path) -> Path:
+    names = tuple(sorted(q.stem for q in CONSTITUTIONS_DIR.glob("*.yaml")))
+    name = builtin_name(path, names, "constitution", warn=True) if isinstance(path, str) else None
+    if name is not None:
+        return CONSTITUTIONS_DIR / f"{name}.yaml"
     p = Path(path)
     if p.exists():
         return p
-    builtin = CONSTITUTIONS_DIR / f"{path}.yaml"
-    if "/" not in str(path) and builtin.is_file():
-        return builtin
-    names = sorted(q.stem for q in CONSTITUTIONS_DIR.glob("*.yaml"))
     raise InputError(f"{path}: no such file or folder, and not a built-in constitution "
-                     f"(built-in: {', '.join(names) or 'none'})")
+                     f"(built-in: {', '.join(names) or 'none'}; also spelled builtin:NAME)")
 
 
 def load_yaml(path: Path, label: str | None = None) -> Constitution:
+    from cai.records import read_text
+
     check = Check(label or str(path))
+    text = read_text(path, check.source)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"{check.source}: not valid YAML: {exc}") from None
     if data is None:

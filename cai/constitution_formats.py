@@ -34,12 +34,13 @@ _LABEL = re.compile(r"(?:^|\n+)[ \t]*(Human|Assistant|Critique ?Request|Critique
 
 
 def _read_json(path: Path, check: Check) -> Any:
+    from cai.records import read_text
+
+    text = read_text(path, f"{check.source}/{path.name}" if check.source != str(path) else check.source)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         check.fail("", f"not valid JSON (line {exc.lineno}: {exc.msg})")
-    except UnicodeDecodeError:
-        check.fail("", "not UTF-8 text")
 
 
 def _strip_framing(text: str, request: str, answer: str) -> str:

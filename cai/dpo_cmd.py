@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from cai.config import add_dataclass_flags
+from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine
 from cai.dpo import DPOConfig
-from cai.pm_cmd import add_common_flags, add_section_flags, build_config
+from cai.pm_cmd import TRAINING_PREFIXES, add_common_flags
 from cai.training import fresh_start
 
 
@@ -28,13 +28,11 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="JSON lines of preference pairs (the output of `cai label`)")
     p.add_argument("--out", required=True, help="output folder (metrics, checkpoints, policy/, peft/)")
-    p.add_argument("--model", default="default", help="the shared base model: folder, .gguf file or 'default'")
+    add_model_flags(p)
     p.add_argument("--sft-adapter", default=None,
                    help="SFT adapter folder: the policy's start and the reference (default: the base itself)")
     add_common_flags(p)
-    add_dataclass_flags(p, DPOConfig)
-    add_section_flags(p, DPOConfig().lora, "lora")
-    add_section_flags(p, DPOConfig().optim)
+    add_config_flags(p, DPOConfig, prefixes=TRAINING_PREFIXES)
     p.set_defaults(func=run)
 
 
@@ -42,14 +40,13 @@ def run(args) -> int:
     from cai.dpo import train_dpo
     from cai.label_cmd import load_policy
     from cai.pairs import read_pairs
-    from engine import Engine
     from engine.train import NonFiniteLossError
 
-    cfg = build_config(DPOConfig, args)
+    cfg = config_from_args(DPOConfig, args)
     pairs = read_pairs(args.data)
     out = Path(args.out)
     fresh_start(out, args.resume)
-    eng = Engine.load(args.model)
+    eng = open_engine(args)
     sft = load_policy(eng, args.sft_adapter)
     try:
         summary = train_dpo(eng, pairs, cfg, sft, out, progress=args.progress, resume=args.resume)

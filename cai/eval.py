@@ -45,7 +45,7 @@ import numpy as np
 from cai import prompting
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.label import LabelConfig, Labeller
-from cai.prompts import BUILTIN, PromptRecord, load_prompts
+from cai.prompts import PromptRecord, is_builtin, load_prompts
 from cai.records import ResumableJsonl, read_jsonl
 from cai.refusal import is_refusal
 from cai.sl import resolve_style
@@ -183,7 +183,7 @@ def spread(prompts: list[PromptRecord], limit: int) -> list[PromptRecord]:
 
 def load_eval_prompts(source: str, limit: int) -> list[PromptRecord]:
     """A built-in set's held-out split, or a whole prompts file."""
-    builtin = str(source) in BUILTIN and not Path(source).exists()
+    builtin = is_builtin(source)
     return spread(load_prompts(source, split="heldout" if builtin else None), limit)
 
 

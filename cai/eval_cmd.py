@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine
 from cai.eval import EvalConfig
 from engine.errors import InputError
 
@@ -21,7 +21,7 @@ from engine.errors import InputError
 def register(sub) -> None:
     p = sub.add_parser("eval", help="refusal, AI-judged win rates and Elo of checkpoints on held-out prompts",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="the shared base model")
+    add_model_flags(p)
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=FOLDER",
                    help="a checkpoint to evaluate, in training order; FOLDER empty: the base (default: initial=)")
     p.add_argument("--metrics", action="append", default=[], metavar="STAGE=PATH",
@@ -32,7 +32,7 @@ def register(sub) -> None:
                    help="another local model to judge with (loaded once, same process); default: the base")
     p.add_argument("--out", required=True, help="output folder (answers and judgments are reused on a rerun)")
     p.add_argument("--overwrite", action="store_true", help="discard cached answers and judgments")
-    add_dataclass_flags(p, EvalConfig)
+    add_config_flags(p, EvalConfig)
     p.set_defaults(func=run_eval)
 
 
@@ -51,13 +51,12 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str | None]:
 
 def run_eval(args) -> int:
     from cai.eval import evaluate
-    from engine import Engine
 
-    cfg = dataclass_from_args(EvalConfig, args)
+    cfg = config_from_args(EvalConfig, args)
     checkpoints = parse_pairs(args.checkpoint, "checkpoint") or {"initial": None}
     metrics = {k: v for k, v in parse_pairs(args.metrics, "metrics").items() if v}
-    eng = Engine.load(args.model, max_slots=cfg.max_slots)
-    feedback = Engine.load(args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
+    eng = open_engine(args, max_slots=cfg.max_slots)
+    feedback = open_engine(args, args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
     result = evaluate(eng, checkpoints, cfg, args.out, feedback, progress=True, constitution=args.constitution,
                       training_metrics=metrics, overwrite=args.overwrite)
     print(summary_table(result))

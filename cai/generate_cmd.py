@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from cai.config import Source, add_model_flags, build_config, open_engine, positive_int
 from engine.errors import InputError
+
+# SamplingParams field -> its flag here
+_SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                   "top_p": "--top-p", "n": "-n", "seed": "--seed", "stop": "--stop"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample completions for prompts (JSON lines in, JSON lines out)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    add_model_flags(p, "the model")
     p.add_argument("--prompts", default="-", help="JSON lines file with 'prompt' or 'messages'; '-' reads stdin")
     p.add_argument("--out", default="-", help="output JSON lines file; '-' writes stdout")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -28,17 +32,19 @@ def register(sub) -> None:
     p.add_argument("-n", type=int, default=1, help="samples per prompt (one shared prefill)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-slots", type=int, default=32, help="concurrent sequences (KV cache slots)")
+    p.add_argument("--max-slots", type=positive_int, default=32, help="concurrent sequences (KV cache slots)")
     p.add_argument("--raw", action="store_true", help="feed 'prompt' strings as raw text, without the chat template")
     p.set_defaults(func=run)
 
 
 def read_prompt_records(path: str, raw: bool) -> list:
     """JSON lines (or plain lines from stdin) -> prompts for Engine.generate."""
-    stream = sys.stdin if path == "-" else _open(path)
+    from cai.records import decode_text, read_text
+
     name = "<stdin>" if path == "-" else path
+    text = decode_text(sys.stdin.buffer.read(), name) if path == "-" else read_text(path)
     prompts = []
-    for lineno, line in enumerate(stream, 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         line = line.strip()
         if not line:
             continue
@@ -62,20 +68,19 @@ def read_prompt_records(path: str, raw: bool) -> list:
     return prompts
 
 
-def _open(path: str):
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path}: no such file")
-    return p.open(encoding="utf-8")
+def sampling_params(args):
+    """SamplingParams from the flags, checked by the one config builder."""
+    from engine import SamplingParams
+
+    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS}
+    source = Source("flag", flags=tuple(((name,), flag) for name, flag in _SAMPLING_FLAGS.items()))
+    return build_config(SamplingParams, [(given, source)]).validate()
 
 
 def run(args) -> int:
-    from engine import Engine, SamplingParams
-
+    params = sampling_params(args)
     prompts = read_prompt_records(args.prompts, args.raw)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, n=args.n, seed=args.seed, stop=args.stop).validate()
-    eng = Engine.load(args.model, max_slots=args.max_slots)
+    eng = open_engine(args, max_slots=args.max_slots)
     if not eng.tokenizer.chat_template:
         prompts = [p[-1]["content"] if isinstance(p, list) and len(p) == 1 else p for p in prompts]
     outs = eng.generate(prompts, params, progress=True)

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine, positive_int
 from cai.prompts import add_prompt_flags
 from cai.label import LabelConfig
 from engine.errors import InputError
@@ -18,14 +18,14 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prompt_flags(p)
     p.add_argument("--constitution", default="default", help="'default', a YAML / JSON file, or the paper's folder")
-    p.add_argument("--model", default="default", help="the shared base model")
+    add_model_flags(p)
     p.add_argument("--policy-adapter", default=None,
                    help="SFT adapter folder (from `cai sft`) to sample the pairs with; default: the base")
     p.add_argument("--feedback-model", default=None,
                    help="another local model to label with (loaded once, same process); default: the base")
     p.add_argument("--out", required=True, help="output JSON lines (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    add_dataclass_flags(p, LabelConfig)
+    add_config_flags(p, LabelConfig)
     p.set_defaults(func=run_label)
 
     e = sub.add_parser("eval-labeler", help="multiple-choice accuracy of the feedback model on a file",
@@ -33,9 +33,9 @@ def register(sub) -> None:
                        "answer begins; a record is right when every correct option has a higher log-prob "
                        "than every incorrect one.")
     e.add_argument("--file", required=True, help="JSON lines of {prompt, corrects: [str], incorrects: [str]}")
-    e.add_argument("--model", default="default", help="model folder, .gguf file, or 'default'")
+    add_model_flags(e, "the feedback model")
     e.add_argument("--json", action="store_true", help="print per-record results, then one JSON summary line")
-    e.add_argument("--max-batch-tokens", type=int, default=8192, help="prompt tokens per scoring forward")
+    e.add_argument("--max-batch-tokens", type=positive_int, default=8192, help="prompt tokens per scoring forward")
     e.set_defaults(func=run_eval_labeler)
 
 
@@ -62,13 +62,12 @@ def run_label(args) -> int:
     from cai.label import Labeller, prompts_aspect
     from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
-    from engine import Engine
 
-    cfg = dataclass_from_args(LabelConfig, args)
+    cfg = config_from_args(LabelConfig, args)
     con = load_constitution(args.constitution)
     prompts = select_prompts(args.prompts, args.split, args.limit)
-    eng = Engine.load(args.model, max_slots=cfg.max_slots)
-    feedback = Engine.load(args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
+    eng = open_engine(args, max_slots=cfg.max_slots)
+    feedback = open_engine(args, args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
     labeller = Labeller(eng, con, cfg, load_policy(eng, args.policy_adapter), feedback)
     meta = {**labeller.meta(), "policy_adapter": args.policy_adapter}
     with ResumableJsonl(args.out, meta, overwrite=args.overwrite) as out:
@@ -119,10 +118,8 @@ def read_mc_records(path: str) -> list[dict]:
 
 
 def run_eval_labeler(args) -> int:
-    from engine import Engine
-
     records = read_mc_records(args.file)
-    eng = Engine.load(args.model)
+    eng = open_engine(args)
     report = evaluate_labeler(eng, records, args.max_batch_tokens)
     if args.json:
         for i, r in enumerate(report["results"]):

@@ -3,7 +3,8 @@ preference model -> PPO (or DPO) -> evaluation, on one engine in one process.
 
 Everything lands in one run folder:
 
-    config.yaml      the resolved configuration (a restarted run must match it)
+    config.yaml      the resolved configuration (once a stage has written anything, a
+                     restarted run must match it; ``overwrite`` starts the folder over)
     state.json       finished stages and their wall times
     sl.jsonl         SL-CAI records (every round's critique and revision)
     helpful.jsonl    the base model's answers to benign prompts, mixed into SFT
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from cai.config import build_dataclass, merge, read_yaml
+from cai.config import Source, build_config, load_engine, read_yaml
 from cai.label import LabelConfig
 from cai.ppo import PPOConfig
 from cai.sft import SFTConfig
@@ -39,6 +40,11 @@ from engine.errors import InputError
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 STAGES = ("sl", "helpful", "sft", "label", "pm", "rl", "eval")
+# what a run writes into its folder; overwrite removes these and nothing else
+OUTPUTS = ("config.yaml", "state.json", "metrics.jsonl", "report.md", "sl.jsonl", "helpful.jsonl", "labels.jsonl",
+           "sl.jsonl.meta.json", "helpful.jsonl.meta.json", "labels.jsonl.meta.json", "sft", "pm", "ppo", "dpo",
+           "eval", "elo.png", "training_curves.png")
+_BOOKKEEPING = ("config.yaml", "state.json")
 
 
 def _pm_config():
@@ -65,6 +71,10 @@ class RunConfig:
 
     model: str = "default"
     """The shared base model: 'default', a checkpoint folder or a .gguf file."""
+    device: str = "auto"
+    """Where the model runs: auto, cpu, cuda or cuda:N (auto: a GPU when there is one)."""
+    dtype: str = "auto"
+    """Weight dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, float32 on the CPU)."""
     constitution: str = "default"
     """'default', our YAML, an open-recipe JSON, or a folder of the paper's files."""
     redteam_prompts: str = "redteam"
@@ -91,48 +101,70 @@ class RunConfig:
     dpo: object = field(default_factory=_dpo_config)
     eval: object = field(default_factory=_eval_config)
 
-    def __post_init__(self):
-        if self.rl not in ("ppo", "dpo"):
-            raise InputError(f"rl must be 'ppo' or 'dpo', got {self.rl!r}")
-
 
 def load_run_config(config: str | None, preset: str | None, overrides: dict) -> tuple[RunConfig, str]:
-    """A RunConfig from a preset and/or a YAML file, then ``--set`` overrides."""
-    doc, source = {}, "defaults"
+    """A RunConfig from a preset and/or a YAML file, then ``--set`` overrides; every field is
+    checked here, before any model loads, and an error names the layer that set it."""
+    layers, source = [], "defaults"
     if preset:
         path = PRESETS / f"{preset}.yaml"
         if not path.is_file():
             names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
             raise InputError(f"no preset {preset!r} (presets: {names})")
-        doc, source = read_yaml(path), str(path)
+        source = str(path)
+        layers.append((read_yaml(path), Source("file", f"preset {preset} ({path})")))
     if config:
-        doc, source = merge(doc, read_yaml(config)), config
+        source = config
+        layers.append((read_yaml(config), Source("file", config)))
     if overrides:
-        doc = merge(doc, overrides)
-    return build_dataclass(RunConfig, doc, source), source
+        layers.append((overrides, Source("set")))
+    return build_config(RunConfig, layers), source
 
 
 class Pipeline:
     """Runs the stages of one RunConfig into one folder, skipping finished ones."""
 
-    def __init__(self, cfg: RunConfig, out: str | Path, engine: Engine | None = None):
-        self.cfg, self.out = cfg, Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._pin_config()
-        self.state = self._read_state()
-        self.eng = engine or Engine.load(cfg.model)
+    def __init__(self, cfg: RunConfig, out: str | Path, engine: Engine | None = None, overwrite: bool = False):
         from cai.constitution import load_constitution
 
+        self.cfg, self.out = cfg, Path(out)
+        self.resolved = yaml.safe_dump(json.loads(json.dumps(asdict(self.cfg))), sort_keys=False)
+        if not overwrite:
+            self._check_config()
+        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype)
         self.con = load_constitution(cfg.constitution)
+        if overwrite:  # only once the model and constitution loaded, so a typo loses nothing
+            self._clear()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(self.resolved)
+        self.state = self._read_state()
 
     # ---- bookkeeping ----------------------------------------------------------------------
-    def _pin_config(self) -> None:
-        resolved = yaml.safe_dump(json.loads(json.dumps(asdict(self.cfg))), sort_keys=False)
+    def _check_config(self) -> None:
+        """Refuse other settings once a stage has written something into the folder; a
+        start that wrote nothing (a wrong model path) pins nothing."""
         path = self.out / "config.yaml"
-        if path.exists() and path.read_text() != resolved:
-            raise InputError(f"{path}: this run folder was started with other settings; "
-                             "use the same config to resume, or another --out")
-        path.write_text(resolved)
+        if path.exists() and path.read_text() != self.resolved and self._has_records():
+            raise InputError(f"{path}: this run folder was started with other settings; use the same "
+                             "config to resume, another --out, or --overwrite to start it over")
+
+    def _has_records(self) -> bool:
+        """Whether any stage wrote something: a non-empty output file, bookkeeping aside."""
+        for name in OUTPUTS:
+            p = self.out / name
+            files = [p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()] if p.is_dir() else []
+            if any(f.stat().st_size and f.name not in _BOOKKEEPING and not f.name.endswith(".meta.json")
+                   for f in files):
+                return True
+        return False
+
+    def _clear(self) -> None:
+        for name in OUTPUTS:
+            p = self.out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
     def _read_state(self) -> dict:
         path = self.out / "state.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine
 from cai.prompts import add_prompt_flags
 from cai.ppo import PPOConfig
 
@@ -18,7 +18,7 @@ from cai.ppo import PPOConfig
 def register(sub) -> None:
     p = sub.add_parser("ppo", help="RL-CAI: PPO against the preference model with a KL penalty to the SFT policy",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="the shared base model")
+    add_model_flags(p)
     p.add_argument("--sft-adapter", default=None,
                    help="SFT adapter folder: the initial policy and the KL reference (default: the base itself)")
     p.add_argument("--reward", required=True, help="preference model folder written by `cai pm` (DIR/reward)")
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--helpful-prompts", default="benign",
                    help="helpfulness prompts mixed into the red-team ones: 'benign' (its train split) or a file")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, policy/, peft/")
-    add_dataclass_flags(p, PPOConfig)
+    add_config_flags(p, PPOConfig)
     p.set_defaults(func=run)
 
 
@@ -35,12 +35,11 @@ def run(args) -> int:
     from cai.pm import load_reward_model
     from cai.ppo import train_ppo
     from cai.prompts import select_prompts
-    from engine import Engine
 
-    cfg = dataclass_from_args(PPOConfig, args)
+    cfg = config_from_args(PPOConfig, args)
     prompts = select_prompts(args.prompts, args.split, args.limit)
     helpful = select_prompts(args.helpful_prompts, "train") if cfg.helpful_fraction > 0 else []
-    eng = Engine.load(args.model, max_slots=cfg.max_slots)
+    eng = open_engine(args, max_slots=cfg.max_slots)
     sft = load_policy(eng, args.sft_adapter)
     reward = load_reward_model(eng, args.reward)
     log = train_ppo(eng, reward, prompts, cfg, sft_adapter=sft, out=args.out, progress=True,

@@ -1,9 +1,11 @@
 """Prompt sets: the built-in red-team and benign sets, and a user's own files.
 
 ``load_prompts(source)`` takes a built-in name (``redteam``, ``benign``: JSON Lines in
-``constitutions/``) or a path to JSON Lines (``prompt`` or ``messages`` per record), a JSON
+``constitutions/``; ``builtin:redteam`` is the same, spelled so it cannot be a path) or a path to JSON Lines (``prompt`` or ``messages`` per record), a JSON
 array (of such records or of strings), CSV (a ``prompt`` column) or plain text (one prompt
-per line, blank lines skipped). Errors name the file and the line.
+per line, blank lines skipped). Errors name the file and the line. A plain built-in name
+always means the built-in set, even when the current folder holds a file of that name (a
+warning says so; ``./redteam`` reads the file).
 
 A user's file may name its prompt as public prompt sets do (``goal``, ``question``,
 ``behavior``: see ``PROMPT_KEYS``, column names matched ignoring case) and its category as
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.constitution import CONSTITUTIONS_DIR, Message
+from cai.constitution import CONSTITUTIONS_DIR, Message, builtin_name
 from engine.errors import InputError
 
 BUILTIN = ("redteam", "benign")
@@ -56,7 +58,7 @@ def add_prompt_flags(p) -> None:
 def select_prompts(source: str | Path, split: str = "train", limit: int | None = None) -> list[PromptRecord]:
     """The prompts a stage runs on: ``split`` of a built-in set ("all" for every split); a
     user's file is taken whole (it need not carry splits)."""
-    builtin = str(source) in BUILTIN and not Path(source).exists()
+    builtin = is_builtin(source)
     return load_prompts(source, split=split if builtin and split != "all" else None, limit=limit)
 
 
@@ -91,9 +93,15 @@ def load_prompts(source: str | Path, split: str | None = None,
     return records if limit is None else records[:limit]
 
 
+def is_builtin(source: str | Path) -> bool:
+    """Whether ``source`` names a built-in prompt set (``redteam`` or ``builtin:redteam``)."""
+    return isinstance(source, str) and builtin_name(source, BUILTIN, "prompt set") is not None
+
+
 def _resolve(source: str | Path) -> tuple[Path, bool]:
-    if str(source) in BUILTIN and not Path(source).exists():
-        return CONSTITUTIONS_DIR / f"{source}.jsonl", True
+    name = builtin_name(source, BUILTIN, "prompt set", warn=True) if isinstance(source, str) else None
+    if name is not None:
+        return CONSTITUTIONS_DIR / f"{name}.jsonl", True
     path = Path(source)
     if not path.is_file():
         raise InputError(f"{source}: no such file, and not a built-in prompt set "
@@ -102,10 +110,9 @@ def _resolve(source: str | Path) -> tuple[Path, bool]:
 
 
 def _read_text(path: Path, label: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
-    except UnicodeDecodeError:
-        raise InputError(f"{label}: not UTF-8 text") from None
+    from cai.records import read_text
+
+    return read_text(path, label)
 
 
 def _record(obj: Any, where: str, default_id: str, strict: bool) -> PromptRecord:

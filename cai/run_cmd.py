@@ -5,7 +5,8 @@
 
 The YAML file (and --set) may set any field of the run and of each stage's section
 (sl, sft, label, pm, ppo, dpo, eval); an unknown key is an error naming it. Run the same
-command again after an interruption and it resumes at the stage and record where it stopped.
+command again after an interruption and it resumes at the stage and record where it stopped;
+every setting is checked before the model loads, and --overwrite starts the folder over.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set sl.rounds=4 (repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<preset or config name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run folder over: remove what an earlier run with other settings wrote there")
     p.set_defaults(func=run)
 
 
@@ -35,7 +38,7 @@ def run(args) -> int:
         raise InputError("give --preset NAME or --config FILE (see cai run --help)")
     cfg, _ = load_run_config(args.config, args.preset, parse_set(args.set))
     out = args.out or str(Path("runs") / (args.preset or Path(args.config).stem))
-    result = Pipeline(cfg, out).run()
+    result = Pipeline(cfg, out, overwrite=args.overwrite).run()
     print_summary(result, out)
     return 0
 

@@ -6,7 +6,7 @@ records are kept, none is written twice.
 from __future__ import annotations
 
 import argparse
-from cai.config import add_dataclass_flags, dataclass_from_args
+from cai.config import add_config_flags, add_model_flags, config_from_args
 from cai.prompts import add_prompt_flags
 from cai.sl import SLConfig
 
@@ -17,10 +17,10 @@ def register(sub) -> None:
     add_prompt_flags(p)
     p.add_argument("--constitution", default="default",
                    help="'default', our YAML, an open-recipe JSON, or a folder of the paper's files")
-    p.add_argument("--model", default="default", help="model folder, .gguf file, or 'default'")
+    add_model_flags(p, "the model")
     p.add_argument("--out", required=True, help="output JSON lines file (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    add_dataclass_flags(p, SLConfig)
+    add_config_flags(p, SLConfig)
     p.set_defaults(func=run)
 
 
@@ -31,12 +31,12 @@ def run(args) -> int:
     from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
     from cai.sl import SLRunner
-    from engine import Engine
+    from cai.config import open_engine
 
-    cfg = dataclass_from_args(SLConfig, args)
+    cfg = config_from_args(SLConfig, args)
     constitution = load_constitution(args.constitution)
     prompts = select_prompts(args.prompts, args.split, args.limit)
-    eng = Engine.load(args.model, max_slots=cfg.max_slots)
+    eng = open_engine(args, max_slots=cfg.max_slots)
     runner = SLRunner(eng, constitution, cfg)
     with ResumableJsonl(args.out, runner.meta(), overwrite=args.overwrite) as out:
         left = sum(p.id not in out.done for p in prompts)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import cai.dpo
 from cai import dpo_cmd
+from cai.config import config_from_args
 from cai.dpo import DPOConfig, train_dpo
 from cai.pairs import encode_pairs, read_pairs
 from engine import Engine, lora
@@ -164,7 +165,7 @@ def test_cli(tiny_model_dir, tmp_path, capsys):
     data.write_text("".join(ln + "\n" for ln in PAIRS.read_text().splitlines()[:3]))
     args = parse(["--data", str(data), "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir("llama")),
                   "--sft-adapter", str(tmp_path / "sft"), "--beta", "0.2", "--max-steps", "1", "--no-progress"])
-    cfg = dpo_cmd.build_config(DPOConfig, args)
+    cfg = config_from_args(DPOConfig, args)
     assert (cfg.beta, cfg.optim.lr, cfg.lora.rank, cfg.soft_labels) == (0.2, 5e-5, 16, True)
     assert dpo_cmd.run(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1

@@ -50,7 +50,7 @@ def test_bad_key_names_the_key_and_file(tmp_path):
     with pytest.raises(InputError, match=r"bad.yaml: unknown key 'sft.optim.learning_rate'"):
         load_run_config(str(bad), None, {})
     bad.write_text("rl: sarsa\n")
-    with pytest.raises(InputError, match="rl must be 'ppo' or 'dpo'"):
+    with pytest.raises(InputError, match="bad.yaml: rl: must be one of 'ppo', 'dpo', got 'sarsa'"):
         load_run_config(str(bad), None, {})
     with pytest.raises(InputError, match="no preset 'nope'"):
         load_run_config(None, "nope", {})

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cai import pm_cmd
+from cai.config import config_from_args
 from cai.pairs import encode_pairs, read_pairs, split_heldout
 from cai.pm import PMConfig, calibration, load_reward_model, new_head, rewards, train_pm
 from engine import Engine, lora
@@ -206,7 +207,7 @@ def test_cli_trains_and_rejects_bad_files(tiny_model_dir, tmp_path, capsys):
     args = parse(["--data", str(PAIRS), "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir("llama")),
                   "--lora-rank", "2", "--lr", "1e-3", "--max-steps", "2", "--max-tokens-per-batch", "800", "--no-soft-labels", "--no-progress",
                   "--lora-targets", "q,v"])
-    cfg = pm_cmd.build_config(PMConfig, args)
+    cfg = config_from_args(PMConfig, args)
     assert (cfg.lora.rank, cfg.lora.targets, cfg.optim.lr, cfg.soft_labels, cfg.heldout_fraction) == (2, ("q", "v"), 1e-3, False, 0.1)
     assert pm_cmd.run(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -215,5 +216,5 @@ def test_cli_trains_and_rejects_bad_files(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r", "p_chosen": -0.1}\n')
     with pytest.raises(InputError, match="bad.jsonl:1: p_chosen"):
         pm_cmd.run(parse(["--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x")]))
-    with pytest.raises(InputError, match="PMConfig"):
-        pm_cmd.build_config(PMConfig, parse(["--data", "d", "--out", "o", "--format", "yaml"]))
+    with pytest.raises(InputError, match="--lora-dropout: must be in"):
+        config_from_args(PMConfig, parse(["--data", "d", "--out", "o", "--lora-dropout", "1.5"]))

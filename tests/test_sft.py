@@ -195,5 +195,5 @@ def test_cli_writes_adapter_peft_and_merged(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rnak: 2\n")
     args = parser.parse_args(["sft", "--data", str(data), "--out", str(out), "--config", str(bad)])
-    with pytest.raises(InputError, match="unknown field"):
+    with pytest.raises(InputError, match="bad.yaml: unknown key 'lora.rnak'"):
         args.func(args)
