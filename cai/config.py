@@ -295,12 +295,7 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", **kw):
     """``Engine.load`` with the device and dtype settings of a command or a run."""
     from engine import Engine
 
-    # Engine.load takes device and dtype names; "auto" is its default, so only a choice is passed
-    if device != "auto":
-        kw["device"] = device
-    if dtype != "auto":
-        kw["dtype"] = dtype
-    return Engine.load(model, **kw)
+    return Engine.load(model, device=device, dtype=dtype, **kw)
 
 
 def open_engine(args: argparse.Namespace, model: str | None = None, **kw):
