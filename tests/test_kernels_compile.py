@@ -58,6 +58,14 @@ def test_shared_memory_within_the_target_limit(compiled):
     assert not over, "\n".join(over)
 
 
+def test_float32_dots_are_full_precision(compiled):
+    """tl.dot on float32 defaults to TF32 on CUDA: every float32 kernel asks for "ieee"."""
+    _, rows = compiled
+    fp32 = [r for r in rows if "/fp32/" in r["name"]]
+    assert any(r["name"].startswith("packed_fwd/fp32") for r in fp32)
+    assert [r["name"] for r in fp32 if r.get("fp32_tf32_dots")] == []
+
+
 def test_float64_attention_is_refused_on_cuda_before_launch():
     """float64 does not compile (the loop-carried accumulators change type): the launcher
     names the dtypes it takes instead of failing inside Triton. Checked on a meta tensor
