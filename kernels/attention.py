@@ -11,13 +11,15 @@ query row (online softmax) and stores only out and the row logsumexp; the backwa
 recomputes the probabilities block by block: one kernel accumulates dK, dV per kv head
 (looping over the query heads of its group, so no atomics), one accumulates dQ. Nothing of
 size T x T exists. The causal structure is used to skip blocks above the diagonal.
-Decode: one program per (slot, query head) with an online softmax over the cache.
-
-Minimum work, with P = sum_b L_b (L_b + 1) / 2 causal pairs:
-  forward  FLOPs 4 P Hq D; bytes (2 T Hq D + 2 T Hkv D) b (read q, k, v, write out)
-  backward FLOPs 10 P Hq D (recompute qk, dv, dp, dq, dk); bytes ~ (4 T Hq D + 4 T Hkv D) b
-  decode   FLOPs 4 Hq D sum_b lengths_b; bytes 2 Hkv D sum_b lengths_b b (the cache read):
-           memory-bound.
+Decode (flash-decoding): one program per (slot, kv head, split of the cache) with the
+group's queries as one tile, so each K/V tile is read once per group rather than once per
+query head; long caches are split over the sequence (`decode_splits`) so that batch 1
+still fills the GPU, and a combine kernel merges the splits' partial softmaxes.
+Precision: float32 dots use "ieee" (never TF32), half-precision dots accumulate in
+float32; the softmax statistics (max, sum, lse), the accumulators and decode's partial
+outputs are float32 for every input dtype. Tiles, warps and stages come from one
+`*_config` function per kernel, which the AOT compile test (`kernels._aot`) also reads.
+float64 runs only under the interpreter (it does not compile for CUDA: refused there).
 
 Torch (CPU) path: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` per
 sequence, or per bucket of sequences of similar length (or all short) right-padded into one
@@ -145,7 +147,8 @@ def _packed_attention_bwd_kernel(
             do = tl.load(do_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             lse = tl.load(lse_ptr + (seq + rows) * Hq + h, mask=mask_m, other=0.0)
             delta = tl.load(delta_ptr + (seq + rows) * Hq + h, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (scale * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            s = s * (scale * 1.4426950408889634)
             keep = (rows[:, None] >= cols[None, :]) & mask_m[:, None] & mask_n[None, :]
             p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -644,12 +647,19 @@ _DECODE = {"triton": decode_attention_triton, "torch": decode_attention_torch,
 def packed_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
     """Causal attention within each packed sequence; q [T, Hq, D], k/v [T, Hkv, D],
     cu_seqlens [B+1] int32, max_seqlen = max length (host int) -> out [T, Hq, D].
-    scale defaults to 1/sqrt(D). Differentiable in q, k, v."""
-    return _PACKED[backend("packed_attention", q.device)](q, k, v, cu_seqlens, max_seqlen, scale)
+    scale defaults to 1/sqrt(D). Differentiable in q, k, v. Accumulates in float32 (softmax
+    max / sum / lse, the output and gradient accumulators) and returns q's dtype; float32
+    inputs are multiplied without TF32. CUDA takes float16, bfloat16 or float32."""
+    impl = backend("packed_attention", q.device)
+    return _PACKED[impl](q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, max_len: int, scale: float | None = None):
     """One new query per slot: q [B, Hq, D] over its slot's cache positions
-    [0, lengths[b]) of k/v_cache [B, Hkv, S, D]; max_len = max(lengths) from the host.
-    -> out [B, Hq, D]. Forward only."""
-    return _DECODE[backend("decode_attention", q.device)](q, k_cache, v_cache, lengths, max_len, scale)
+    [0, lengths[b]) of k/v_cache [B, Hkv, S, D]; max_len = max(lengths) from the host,
+    at most S. -> out [B, Hq, D] in q's dtype. Forward only. Accumulates in float32 (the
+    softmax statistics, the output and the split partials). A slot of length 0 gives 0.
+    Lengths outside [0, S] raise on CPU tensors; on CUDA the kernel clamps them to the cache
+    (checking would sync)."""
+    impl = backend("decode_attention", q.device)
+    return _DECODE[impl](q, k_cache, v_cache, lengths, max_len, scale)

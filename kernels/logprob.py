@@ -6,8 +6,13 @@
 Two entry points: `logprob` from logits `[N, V]`, and `linear_logprob` from hidden states
 `[N, H]` and the lm_head weight `[V, H]`, which never holds more than a chunk of rows of the
 `[N, V]` logits (its backward recomputes each chunk). Rows whose label is `ignore_index`
-give 0 (log-prob and entropy) and receive no gradient. Labels outside `[0, V)` other than
-`ignore_index` are not checked (checking would sync the device).
+give 0 (log-prob and entropy) and receive no gradient. Masked logits (-inf) are legal
+everywhere (forward, entropy, backward): p = 0, 0 log 0 = 0, zero gradient. Labels outside
+`[0, V)` other than `ignore_index` raise on CPU tensors; on CUDA (where the check would
+sync the device) the kernel never loads them and returns NaN for the row.
+Precision: all statistics (max, sum-exp, lse, log-probs, entropies) and the gradient math
+are float32 for any logits dtype (float64 for float64); the fused linear path keeps each
+chunk's logits in float32 and sums the weight gradient over chunks in float32.
 
 Gradients, per row, with g = dL/dlp and h = dL/dent:
     dL/dz_j = g (1[j = y] - p_j) - h p_j (log p_j + ent),     dL/dlogits = dL/dz / temperature
@@ -363,8 +368,8 @@ def _mm32(a, b, out=None, acc=None):
         if a.is_cuda:
             low = a.dtype if a.dtype not in wide else b.dtype
             a, b = a.to(low), b.to(low)
-            if acc is not None:
-                return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if acc is not None:  # addmm's out_dtype form wants a half `self` in some torch
+                return acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # releases
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
         a, b = a.float(), b.float()
     return torch.mm(a, b, out=out) if acc is None else acc.addmm_(a, b)

@@ -20,6 +20,10 @@ backward is that saved coefficient times the upstream scalar (one multiply, so t
 separate backward kernel). Gradients flow only to `logprob` / `values`: old log-probs,
 advantages, returns and the mask are data.
 
+Precision: inputs are cast to float32 and every per-token value (ratio, KL, loss,
+gradient coefficient) and every reduction is float32; results come back in the input's
+dtype (float32 for the engine's float32 log-probs and values).
+
 Minimum traffic (Triton): 5 reads of [N] (logprob, old, advantages, weight, mask) and one
 [N] write of the gradient coefficient, ~20 FLOPs per token: purely memory-bound.
 """
@@ -343,13 +347,16 @@ _VALUE = {"torch": ppo_value_loss_torch, "triton": ppo_value_loss_triton,
 
 def kl_penalty(logprob, ref_logprob, kind="k1"):
     """Per-token KL estimate [N] of the policy from the reference (k1, k2 or k3, see the
-    module docstring); differentiable in `logprob` only."""
+    module docstring); differentiable in `logprob` only. Computed in float32, returned in
+    `logprob`'s dtype."""
     return _KL[backend("kl_penalty", logprob.device)](logprob, ref_logprob, kind)
 
 
 def ppo_policy_loss(logprob, old_logprob, advantages, mask, *, clip_eps=0.2, reduction="token",
                     cu_seqlens=None) -> PolicyLossOutput:
-    """Clipped PPO policy loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1]."""
+    """Clipped PPO policy loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1].
+    Ratios, per-token losses, reduction weights and the sums (loss, clip_frac, approx_kl)
+    in float32; loss returned in `logprob`'s dtype, the metrics in float32."""
     return _POLICY[backend("ppo_policy_loss", logprob.device)](
         logprob, old_logprob, advantages, mask, clip_eps=clip_eps, reduction=reduction,
         cu_seqlens=cu_seqlens)
@@ -357,7 +364,9 @@ def ppo_policy_loss(logprob, old_logprob, advantages, mask, *, clip_eps=0.2, red
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, reduction="token",
                    cu_seqlens=None) -> ValueLossOutput:
-    """Clipped value loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1]."""
+    """Clipped value loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1].
+    Errors, weights and sums in float32; loss returned in `values`' dtype, clip_frac in
+    float32."""
     return _VALUE[backend("ppo_value_loss", values.device)](
         values, old_values, returns, mask, clip_eps=clip_eps, reduction=reduction,
         cu_seqlens=cu_seqlens)

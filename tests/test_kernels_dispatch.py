@@ -50,7 +50,8 @@ def test_cpu_tensors_run_torch_when_cuda_is_reported(monkeypatch):
     lp = kernels.logprob(x, torch.tensor([1, 2, 3]))
     lp.sum().backward()
     assert calls == [] and torch.isfinite(x.grad).all()
-    q, kv, cu = torch.randn(5, 2, 16), torch.randn(5, 1, 16), torch.tensor([0, 5], dtype=torch.int32)
+    q, kv = torch.randn(5, 2, 16), torch.randn(5, 1, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
     assert kernels.packed_attention(q, kv, kv, cu, 5).shape == (5, 2, 16)
 
 
