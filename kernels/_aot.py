@@ -9,7 +9,11 @@ for the compiler): `python -m kernels._aot` prints one JSON line per compiled va
 """
 import importlib
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -134,16 +138,42 @@ def jit_kernels() -> set:
     return names
 
 
+def _ptxas():
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):  # the one that reads Triton's PTX version
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    return None
+
+
+def spill_bytes(ptx: str, arch: int):
+    """Register spill stores (bytes) ptxas reports for `ptx`, or None without ptxas."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        proc = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}",
+                               "-o", "/dev/null", f.name], capture_output=True, text=True)
+    found = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+    return sum(int(x) for x in found) if proc.returncode == 0 and found else None
+
+
 def compile_variant(v: Variant, arch: int) -> dict:
-    """Compile `v` for sm_<arch>; returns its shared memory (bytes) and the limit."""
+    """Compile `v` for sm_<arch>; returns its shared memory (bytes), the limit, how many
+    float32 dots would run in TF32, and the register spills ptxas reports."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=v.kernel, signature=_signature(v), constexprs=v.constexprs)
     out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                          options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+    # A float32 dot left at Triton's default runs in TF32 (~1e-3 error): count them.
+    tf32 = out.asm["ttir"].count("inputPrecision = tf32") if v.default == "fp32" else 0
     return dict(name=v.name, arch=arch, shared=out.metadata.shared, limit=SHARED_LIMIT[arch],
-                num_warps=v.num_warps, num_stages=v.num_stages)
+                num_warps=v.num_warps, num_stages=v.num_stages, fp32_tf32_dots=tf32,
+                spill_bytes=spill_bytes(out.asm["ptx"], arch))
 
 
 def main(argv=None) -> int:
