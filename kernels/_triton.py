@@ -5,7 +5,10 @@ Triton is an optional dependency: without it the kernel modules must still impor
 `TRITON_INTERPRET=1` must be set before the kernel modules are imported for the kernels to
 run on CPU tensors (Triton picks interpreter or compiler when a kernel is decorated).
 """
+import contextlib
 import os
+
+import torch
 
 try:
     import triton
@@ -53,11 +56,29 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def check_launchable(*tensors) -> None:
-    """Raise a clear error before a launch that could not run (no triton, or CPU tensors
-    without the interpreter)."""
+def launch_device(*tensors):
+    """Check that a launch can run and return the context to launch it under.
+
+    Raises a clear error without triton, for tensors on more than one device, or for CPU
+    tensors outside the interpreter. For CUDA tensors the context makes their device the
+    current one (Triton launches on the current device, not on the tensors')."""
     if not HAS_TRITON:
         raise RuntimeError("the triton kernels need the `triton` package")
-    if not interpreted() and any(t.device.type != "cuda" for t in tensors):
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"triton kernel inputs must share one device, got "
+                         f"{sorted(str(d) for d in devices)}")
+    device = devices.pop() if devices else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if device.type == "cpu" and interpreted():
+        return contextlib.nullcontext()
+    if device.type == "cpu":
         raise RuntimeError("triton kernels on CPU tensors need TRITON_INTERPRET=1 set before "
                            "`kernels` is imported")
+    raise ValueError(f"triton kernels run on CUDA tensors, got {device}")
+
+
+def check_launchable(*tensors) -> None:
+    """`launch_device` without the context (kept for callers that only check)."""
+    launch_device(*tensors)

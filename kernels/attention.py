@@ -11,13 +11,15 @@ query row (online softmax) and stores only out and the row logsumexp; the backwa
 recomputes the probabilities block by block: one kernel accumulates dK, dV per kv head
 (looping over the query heads of its group, so no atomics), one accumulates dQ. Nothing of
 size T x T exists. The causal structure is used to skip blocks above the diagonal.
-Decode: one program per (slot, query head) with an online softmax over the cache.
-
-Minimum work, with P = sum_b L_b (L_b + 1) / 2 causal pairs:
-  forward  FLOPs 4 P Hq D; bytes (2 T Hq D + 2 T Hkv D) b (read q, k, v, write out)
-  backward FLOPs 10 P Hq D (recompute qk, dv, dp, dq, dk); bytes ~ (4 T Hq D + 4 T Hkv D) b
-  decode   FLOPs 4 Hq D sum_b lengths_b; bytes 2 Hkv D sum_b lengths_b b (the cache read):
-           memory-bound.
+Decode (flash-decoding): one program per (slot, kv head, split of the cache) with the
+group's queries as one tile, so each K/V tile is read once per group rather than once per
+query head; long caches are split over the sequence (`decode_splits`) so that batch 1
+still fills the GPU, and a combine kernel merges the splits' partial softmaxes.
+Precision: float32 dots use "ieee" (never TF32), half-precision dots accumulate in
+float32; the softmax statistics (max, sum, lse), the accumulators and decode's partial
+outputs are float32 for every input dtype. Tiles, warps and stages come from one
+`*_config` function per kernel, which the AOT compile test (`kernels._aot`) also reads.
+float64 runs only under the interpreter (it does not compile for CUDA: refused there).
 
 Torch (CPU) path: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` per
 sequence, or per bucket of sequences of similar length (or all short) right-padded into one
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from ._triton import check_launchable, interpreted, tl, triton
+from ._triton import interpreted, launch_device, tl, triton
 
 _LOG2E = 1.4426950408889634
 
@@ -54,6 +56,7 @@ def _packed_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32: no silent TF32 on CUDA
 ):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -78,7 +81,7 @@ def _packed_attention_fwd_kernel(
         mask_n = cols < L
         k = tl.load(k_ptr + (seq + cols)[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k) * qk_scale
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where((offs_m[:, None] >= cols[None, :]) & mask_n[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -86,7 +89,7 @@ def _packed_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + (seq + cols)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
@@ -112,6 +115,7 @@ def _packed_attention_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32: no silent TF32 on CUDA
 ):
     """dK, dV for one block of keys of one kv head, summed over the query heads of its group."""
     start_n = tl.program_id(0)
@@ -143,13 +147,14 @@ def _packed_attention_bwd_kernel(
             do = tl.load(do_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             lse = tl.load(lse_ptr + (seq + rows) * Hq + h, mask=mask_m, other=0.0)
             delta = tl.load(delta_ptr + (seq + rows) * Hq + h, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            s = s * (scale * 1.4426950408889634)
             keep = (rows[:, None] >= cols[None, :]) & mask_m[:, None] & mask_n[None, :]
             p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * scale
     tl.store(dk_ptr + (seq + cols)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -170,6 +175,7 @@ def _packed_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32: no silent TF32 on CUDA
 ):
     """dQ for one block of queries of one query head."""
     start_m = tl.program_id(0)
@@ -198,12 +204,12 @@ def _packed_attention_bwd_dq_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + (seq + cols)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (scale * 1.4426950408889634)
         keep = (rows[:, None] >= cols[None, :]) & mask_m[:, None] & mask_n[None, :]
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * scale
     tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -213,56 +219,184 @@ def _decode_attention_fwd_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [B, Hkv, S, D] cache
     v_ptr,  # [B, Hkv, S, D] cache
-    o_ptr,  # [B, Hq, D] out
-    len_ptr,  # [B] int32
+    o_ptr,  # [B, Hq, D] out (SPLITS == 1), else [B, Hq, SPLITS, D] float32 partial outputs
+    lse_ptr,  # [B, Hq, SPLITS] float32 out: partial logsumexp, base 2 (when SPLITS > 1)
+    len_ptr,  # [B] int32 / int64
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh,
+    stride_ob, stride_oh, stride_os,
+    S,
     D,
-    scale,
+    qk_scale,  # softmax scale * log2(e)
+    split_len,  # cache positions per split, a multiple of BLOCK_N
     GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # GROUP rounded up to a tile (>= 16 for tl.dot)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32: no silent TF32 on CUDA
 ):
+    """One program per (slot, kv head, split of the cache): the group's queries share each
+    K/V tile, which is read once for the whole group."""
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    hk = h // GROUP
-    L = tl.load(len_ptr + b)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    # A length past the cache (or negative) is clamped: never an address outside it.
+    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int64), 0), S)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, L)
+    offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
     mask_d = offs_d < D
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=mask_d, other=0.0)
-    q = q.to(tl.float32) * scale
+    heads = hk * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        cols = (start_n + offs_n).to(tl.int64)
-        mask_n = cols < L
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.where(mask_n, tl.sum(k.to(tl.float32) * q[None, :], 1), -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):  # every tile has a valid column: m stays finite
+        cols = start_n + offs_n
+        mask_n = cols < hi
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or slot) gives 0 and lse -inf
+    acc = acc / l_safe[:, None]
+    o_off = b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptr + o_off, acc.to(o_ptr.dtype.element_ty),
+             mask=mask_g[:, None] & mask_d[None, :])
+    if SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
+        row = b * tl.num_programs(1) * GROUP + heads
+        tl.store(lse_ptr + row * SPLITS + split, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    part_ptr,  # [B, Hq, SPLITS, D] float32 partial outputs
+    lse_ptr,  # [B, Hq, SPLITS] float32 partial logsumexp, base 2
+    o_ptr,  # [B, Hq, D] out
+    stride_ob, stride_oh,
+    Hq,
+    D,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M): the splits' softmaxes merged."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < SPLITS
+    row = (b * Hq + h) * SPLITS
+    lse = tl.load(lse_ptr + row + offs_s, mask=mask_s, other=-float("inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == -float("inf"), 0.0, m))  # empty splits weigh 0
+    part = tl.load(part_ptr + (row + offs_s)[:, None] * D + offs_d[None, :],
+                   mask=mask_s[:, None] & (offs_d < D)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
-             mask=mask_d)
+             mask=offs_d < D)
+
+
+# ------------------------------------------------------------------------------------------
+# Launch configuration: one function per kernel, read by the launchers and by the AOT
+# compile test (which compiles exactly these for sm_80 and sm_90).
+# ------------------------------------------------------------------------------------------
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what compiles for CUDA
+_INTERPRETER_BLOCK = 16  # the interpreter runs each program in numpy: small tiles are faster
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 dots in full precision ("ieee"): on CUDA the default is TF32 (~1e-3)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def packed_fwd_config(D: int, dtype: torch.dtype, gpu: bool = True) -> dict:
+    """Tiles, warps and pipeline stages of `_packed_attention_fwd_kernel`. Shared memory
+    holds num_stages copies of the K and V tiles (BLOCK_N x BLOCK_D each): float32 and
+    large heads take smaller tiles and fewer stages to fit an sm_80's 163 KB."""
+    BD = _block_d(D)
+    if not gpu:
+        return dict(BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, BLOCK_D=BD,
+                    num_warps=4, num_stages=1)
+    wide = dtype == torch.float32
+    if BD <= 64:  # spill-free per ptxas on sm_80 and sm_90 (the AOT test checks)
+        bm, bn, stages = (64, 32, 2) if wide else (64, 64, 3)
+    elif BD <= 128:
+        bm, bn, stages = (32, 32, 2) if wide else (64, 64, 2)
+    else:
+        bm, bn, stages = (32, 16, 1) if wide else (32, 32, 2)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, num_warps=8, num_stages=stages)
+
+
+def packed_bwd_config(D: int, dtype: torch.dtype, gpu: bool = True) -> dict:
+    """Tiles of both backward kernels (dK/dV and dQ share them). The dK/dV kernel keeps
+    K, V, dK and dV tiles live across its loop: smaller tiles and 8 warps at D >= 128 keep
+    them out of local memory."""
+    BD = _block_d(D)
+    if not gpu:
+        return dict(BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, BLOCK_D=BD,
+                    num_warps=4, num_stages=1)
+    wide = dtype == torch.float32
+    if BD <= 64:  # larger tiles spill registers in the dK/dV kernel (ptxas, sm_80/sm_90)
+        bm, bn, warps = (16, 16, 4) if wide else (16, 32, 4)
+    elif BD <= 128:
+        bm, bn, warps = (16, 16, 8) if wide else (16, 32, 8)
+    else:
+        bm, bn, warps = (16, 16, 8)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, num_warps=warps, num_stages=1)
+
+
+def decode_config(D: int, dtype: torch.dtype, group: int, gpu: bool = True) -> dict:
+    """Tiles of `_decode_attention_fwd_kernel`: the group's queries as one tile of
+    BLOCK_G >= 16 rows (the smallest tl.dot), cache tiles of BLOCK_N positions."""
+    BD = _block_d(D)
+    BG = max(16, triton.next_power_of_2(group))
+    if not gpu:
+        return dict(BLOCK_G=BG, BLOCK_N=_INTERPRETER_BLOCK, BLOCK_D=BD, num_warps=4,
+                    num_stages=1)
+    bn = 64 if BD <= 64 else 32
+    if dtype == torch.float32 and BD > 64:
+        bn //= 2
+    return dict(BLOCK_G=BG, BLOCK_N=bn, BLOCK_D=BD, num_warps=4, num_stages=2)
+
+
+def decode_combine_config(splits: int, D: int) -> dict:
+    """Tiles of `_decode_attention_combine_kernel`: all splits of one (slot, head) at once."""
+    return dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=_block_d(D), num_warps=4,
+                num_stages=1)
+
+
+def _check_launch_dtype(x: torch.Tensor) -> None:
+    if x.is_cuda and x.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"triton attention on CUDA takes {[str(d) for d in ATTENTION_DTYPES]}"
+                        f", got {x.dtype} (float64 does not compile; use the torch path)")
+    if _block_d(x.shape[-1]) > 256:
+        raise ValueError(f"triton attention supports head dims up to 256, got {x.shape[-1]}")
 
 
 # ------------------------------------------------------------------------------------------
 # Launchers and the autograd.Function
 # ------------------------------------------------------------------------------------------
-def _blocks(D):
-    block = 16 if interpreted() else 64  # the interpreter runs each program in numpy
-    return block, block, max(16, triton.next_power_of_2(D))
-
-
 def _check_packed(q, k, v, cu_seqlens):
     assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "q, k, v must be [T, H, D]"
     assert k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
@@ -276,18 +410,18 @@ def _check_packed(q, k, v, cu_seqlens):
 class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        check_launchable(q)
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         B = cu_seqlens.shape[0] - 1
-        BM, BN, BD = _blocks(D)
+        cfg = packed_fwd_config(D, q.dtype, gpu=not interpreted())
         o = torch.empty_like(q)
         lse = torch.empty(T, Hq, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(max_seqlen, BM), B, Hq)
-        _packed_attention_fwd_kernel[grid](
-            q, k, v, o, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), o.stride(0), o.stride(1), Hq, D, scale * _LOG2E,
-            GROUP=Hq // Hkv, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B, Hq)
+        with launch_device(q, k, v, cu_seqlens):
+            _packed_attention_fwd_kernel[grid](
+                q, k, v, o, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), Hq, D,
+                scale * _LOG2E, GROUP=Hq // Hkv, DOT_PRECISION=dot_precision(q.dtype), **cfg)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return o
@@ -299,20 +433,23 @@ class _PackedAttention(torch.autograd.Function):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         B = cu_seqlens.shape[0] - 1
-        BM, BN, BD = _blocks(D)
+        cfg = packed_bwd_config(D, q.dtype, gpu=not interpreted())
         delta = (do.float() * o.float()).sum(-1)  # [T, Hq]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-        meta = dict(GROUP=Hq // Hkv, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
-        _packed_attention_bwd_kernel[(triton.cdiv(ctx.max_seqlen, BN), B, Hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, Hq, D, ctx.scale, **meta)
-        _packed_attention_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, BM), B, Hq)](
-            q, k, v, do, lse, delta, dq, cu_seqlens, *strides, Hq, D, ctx.scale, **meta)
+        meta = dict(GROUP=Hq // Hkv, DOT_PRECISION=dot_precision(q.dtype), **cfg)
+        with launch_device(q, do, cu_seqlens):
+            _packed_attention_bwd_kernel[(triton.cdiv(ctx.max_seqlen, cfg["BLOCK_N"]), B, Hkv)](
+                q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, Hq, D, ctx.scale, **meta)
+            _packed_attention_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, cfg["BLOCK_M"]), B, Hq)](
+                q, k, v, do, lse, delta, dq, cu_seqlens, *strides, Hq, D, ctx.scale, **meta)
         return dq, dk, dv, None, None, None
 
 
 def packed_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale=None):
     _check_packed(q, k, v, cu_seqlens)
+    _check_launch_dtype(q)
+    launch_device(q, k, v, cu_seqlens)  # refuse mixed devices before any copy
     # dk/dv are written with k/v's strides and dq with q's: give them dense layouts.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -402,33 +539,79 @@ def packed_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):
 # ------------------------------------------------------------------------------------------
 # Decode
 # ------------------------------------------------------------------------------------------
-def _check_decode(q, k_cache, v_cache, lengths):
+def _check_decode(q, k_cache, v_cache, lengths, max_len):
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
     assert q.shape[0] == k_cache.shape[0] and q.shape[2] == k_cache.shape[3]
     assert q.shape[1] % k_cache.shape[1] == 0, "Hq must be a multiple of Hkv"
     assert lengths.shape == q.shape[:1] and lengths.dtype in (torch.int32, torch.int64)
+    S = k_cache.shape[2]
+    if not 0 <= max_len <= S:
+        raise ValueError(f"decode max_len {max_len} is outside the cache's [0, {S}] positions")
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, max_len, scale=None):
-    _check_decode(q, k_cache, v_cache, lengths)
-    check_launchable(q)
+def _check_lengths_cpu(lengths, S):
+    """Lengths past the cache are an error where checking is free (CPU tensors); the
+    Triton kernel clamps them to the cache instead (checking on CUDA would sync)."""
+    if lengths.device.type == "cpu" and lengths.numel() and (
+            int(lengths.min()) < 0 or int(lengths.max()) > S):
+        raise ValueError(f"decode lengths must lie in [0, {S}] (the cache's positions), got "
+                         f"{lengths.tolist()}")
+
+
+_DECODE_TARGET_PROGRAMS = 264  # ~2 waves of a 132-SM GPU; the split count aims for it
+_MAX_SPLITS = 32
+
+
+def decode_splits(B: int, Hkv: int, max_len: int, block_n: int) -> int:
+    """How many parts of the cache each (slot, kv head) is split into (flash-decoding):
+    enough programs to fill the GPU at small batch, no split shorter than 4 tiles. Uses
+    host ints only, so a CUDA graph captured with max_len = the cache size stays valid."""
+    tiles = triton.cdiv(max(max_len, 1), block_n)
+    want = max(1, _DECODE_TARGET_PROGRAMS // max(B * Hkv, 1))
+    return max(1, min(want, _MAX_SPLITS, tiles // 4))
+
+
+def decode_attention_triton(q, k_cache, v_cache, lengths, max_len, scale=None, num_splits=None):
+    """`num_splits` forces the split of the cache (tests); default `decode_splits`."""
+    _check_decode(q, k_cache, v_cache, lengths, max_len)
+    _check_launch_dtype(q)
     for t in (q, k_cache, v_cache):
         assert t.stride(-1) == 1, "the head dimension must be contiguous"
     B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
+    cfg = decode_config(D, q.dtype, Hq // Hkv, gpu=not interpreted())
+    bn = cfg["BLOCK_N"]
+    splits = num_splits or decode_splits(B, Hkv, max_len, bn)
+    split_len = triton.cdiv(triton.cdiv(max(max_len, 1), splits), bn) * bn
+    splits = triton.cdiv(max(max_len, 1), split_len)
     o = torch.empty_like(q)
-    _decode_attention_fwd_kernel[(B, Hq)](
-        q, k_cache, v_cache, o, lengths.contiguous(), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-        D, scale, GROUP=Hq // k_cache.shape[1], BLOCK_N=_blocks(D)[1],
-        BLOCK_D=triton.next_power_of_2(D))
+    lengths = lengths.contiguous()
+    if splits == 1:
+        part, lse, part_strides = o, o, (o.stride(0), o.stride(1), 0)
+    else:  # float32 partials [B, Hq, splits, D], merged by the combine kernel
+        part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+        part_strides = (part.stride(0), part.stride(1), part.stride(2))
+    with launch_device(q, k_cache, v_cache, lengths):
+        _decode_attention_fwd_kernel[(B, Hkv, splits)](
+            q, k_cache, v_cache, part, lse, lengths, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *part_strides,
+            S, D, scale * _LOG2E, split_len, GROUP=Hq // Hkv, SPLITS=splits,
+            DOT_PRECISION=dot_precision(q.dtype), **cfg)
+        if splits > 1:
+            _decode_attention_combine_kernel[(B, Hq)](
+                part, lse, o, o.stride(0), o.stride(1), Hq, D, SPLITS=splits,
+                **decode_combine_config(splits, D))
     return o
 
 
 def decode_attention_torch(q, k_cache, v_cache, lengths, max_len, scale=None):
     """One SDPA call over the first `max_len` positions; a key mask only when B > 1 (at
     B == 1, lengths[0] == max_len, so the slice is the mask)."""
+    _check_decode(q, k_cache, v_cache, lengths, max_len)
+    _check_lengths_cpu(lengths, k_cache.shape[2])
     B = q.shape[0]
     k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
     mask = None
@@ -441,7 +624,8 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, max_len, scale=None):
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths, max_len, scale=None):
-    _check_decode(q, k_cache, v_cache, lengths)
+    _check_decode(q, k_cache, v_cache, lengths, max_len)
+    _check_lengths_cpu(lengths, k_cache.shape[2])
     B, Hq, D = q.shape
     group = Hq // k_cache.shape[1]
     scale = D**-0.5 if scale is None else scale
@@ -462,12 +646,19 @@ _DECODE = {"triton": decode_attention_triton, "torch": decode_attention_torch,
 def packed_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
     """Causal attention within each packed sequence; q [T, Hq, D], k/v [T, Hkv, D],
     cu_seqlens [B+1] int32, max_seqlen = max length (host int) -> out [T, Hq, D].
-    scale defaults to 1/sqrt(D). Differentiable in q, k, v."""
-    return _PACKED[backend("packed_attention")](q, k, v, cu_seqlens, max_seqlen, scale)
+    scale defaults to 1/sqrt(D). Differentiable in q, k, v. Accumulates in float32 (softmax
+    max / sum / lse, the output and gradient accumulators) and returns q's dtype; float32
+    inputs are multiplied without TF32. CUDA takes float16, bfloat16 or float32."""
+    impl = backend("packed_attention", q.device)
+    return _PACKED[impl](q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, max_len: int, scale: float | None = None):
     """One new query per slot: q [B, Hq, D] over its slot's cache positions
-    [0, lengths[b]) of k/v_cache [B, Hkv, S, D]; max_len = max(lengths) from the host.
-    -> out [B, Hq, D]. Forward only."""
-    return _DECODE[backend("decode_attention")](q, k_cache, v_cache, lengths, max_len, scale)
+    [0, lengths[b]) of k/v_cache [B, Hkv, S, D]; max_len = max(lengths) from the host,
+    at most S. -> out [B, Hq, D] in q's dtype. Forward only. Accumulates in float32 (the
+    softmax statistics, the output and the split partials). A slot of length 0 gives 0.
+    Lengths outside [0, S] raise on CPU tensors; on CUDA the kernel clamps them to the cache
+    (checking would sync)."""
+    impl = backend("decode_attention", q.device)
+    return _DECODE[impl](q, k_cache, v_cache, lengths, max_len, scale)

@@ -20,6 +20,10 @@ backward is that saved coefficient times the upstream scalar (one multiply, so t
 separate backward kernel). Gradients flow only to `logprob` / `values`: old log-probs,
 advantages, returns and the mask are data.
 
+Precision: inputs are cast to float32 and every per-token value (ratio, KL, loss,
+gradient coefficient) and every reduction is float32; results come back in the input's
+dtype (float32 for the engine's float32 log-probs and values).
+
 Minimum traffic (Triton): 5 reads of [N] (logprob, old, advantages, weight, mask) and one
 [N] write of the gradient coefficient, ~20 FLOPs per token: purely memory-bound.
 """
@@ -28,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import backend
-from ._triton import check_launchable, tl, triton
+from ._triton import launch_device, tl, triton
 
 _BLOCK = 1024
 
@@ -204,13 +208,19 @@ def _value_torch(v, old, ret, w, eps):
     return dv, sums
 
 
+def launch_config() -> dict:
+    """Launch resources of the three elementwise kernels, as the GPU path uses them (the
+    AOT compile test reads this too): BLOCK tokens per program, 8 per thread."""
+    return dict(BLOCK=_BLOCK, num_warps=4, num_stages=1)
+
+
 def _launch(kernel, n_parts, *args, eps):
-    check_launchable(args[0])
     N = args[0].shape[0]
     grid = (triton.cdiv(N, _BLOCK),)
     dx = torch.empty_like(args[0])
     parts = torch.zeros(grid[0], n_parts, device=args[0].device, dtype=torch.float32)
-    kernel[grid](*args, dx, parts, N, float(eps), BLOCK=_BLOCK)
+    with launch_device(*args):
+        kernel[grid](*args, dx, parts, N, float(eps), **launch_config())
     return dx, parts.sum(0)
 
 
@@ -233,10 +243,11 @@ class _KLPenalty(torch.autograd.Function):
     def forward(ctx, logprob, ref_logprob, kind, impl):
         lp, ref = _flat(logprob, ref_logprob)
         if impl == "triton":
-            check_launchable(lp)
             kl, dkl = torch.empty_like(lp), torch.empty_like(lp)
             grid = (triton.cdiv(lp.shape[0], _BLOCK),)
-            _kl_penalty_fwd_kernel[grid](lp, ref, kl, dkl, lp.shape[0], KIND=kind, BLOCK=_BLOCK)
+            with launch_device(lp, ref):
+                _kl_penalty_fwd_kernel[grid](lp, ref, kl, dkl, lp.shape[0], KIND=kind,
+                                             **launch_config())
         else:
             kl, dkl = _kl_torch(lp, ref, kind)
         ctx.save_for_backward(dkl)
@@ -336,21 +347,26 @@ _VALUE = {"torch": ppo_value_loss_torch, "triton": ppo_value_loss_triton,
 
 def kl_penalty(logprob, ref_logprob, kind="k1"):
     """Per-token KL estimate [N] of the policy from the reference (k1, k2 or k3, see the
-    module docstring); differentiable in `logprob` only."""
-    return _KL[backend("kl_penalty")](logprob, ref_logprob, kind)
+    module docstring); differentiable in `logprob` only. Computed in float32, returned in
+    `logprob`'s dtype."""
+    return _KL[backend("kl_penalty", logprob.device)](logprob, ref_logprob, kind)
 
 
 def ppo_policy_loss(logprob, old_logprob, advantages, mask, *, clip_eps=0.2, reduction="token",
                     cu_seqlens=None) -> PolicyLossOutput:
-    """Clipped PPO policy loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1]."""
-    return _POLICY[backend("ppo_policy_loss")](
+    """Clipped PPO policy loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1].
+    Ratios, per-token losses, reduction weights and the sums (loss, clip_frac, approx_kl)
+    in float32; loss returned in `logprob`'s dtype, the metrics in float32."""
+    return _POLICY[backend("ppo_policy_loss", logprob.device)](
         logprob, old_logprob, advantages, mask, clip_eps=clip_eps, reduction=reduction,
         cu_seqlens=cu_seqlens)
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, reduction="token",
                    cu_seqlens=None) -> ValueLossOutput:
-    """Clipped value loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1]."""
-    return _VALUE[backend("ppo_value_loss")](
+    """Clipped value loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1].
+    Errors, weights and sums in float32; loss returned in `values`' dtype, clip_frac in
+    float32."""
+    return _VALUE[backend("ppo_value_loss", values.device)](
         values, old_values, returns, mask, clip_eps=clip_eps, reduction=reduction,
         cu_seqlens=cu_seqlens)

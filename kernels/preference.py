@@ -19,6 +19,9 @@ preferred; p = 1 for hard labels) and the logit m of the pair:
 margin [B] is m (for DPO, chosen minus rejected implicit reward); accuracy is the fraction
 of pairs whose margin has the label's sign (m > 0 where p >= 0.5, m < 0 elsewhere).
 
+Precision: every input is cast to float32; margins, softplus, sigmoid, soft-label
+probabilities and the batch means are float32, the loss comes back in the input's dtype.
+
 Minimum traffic (Triton): the pair loss reads 2 or 4 (+1 with labels) [B] vectors and writes
 one [B] gradient coefficient and [B] margins, ~15 FLOPs a pair; option probs read and write
 [B, K]. Memory- and launch-bound: the point of the kernel is one launch instead of ~12.
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from ._triton import check_launchable, tl, triton
+from ._triton import launch_device, tl, triton
 
 _BLOCK = 1024
 
@@ -116,7 +119,7 @@ def sum_option_logprobs(token_logprobs, option_index, num_options):
     """Sum the log-probs of each option's tokens: token_logprobs [M], option_index [M] int64
     in [0, num_options) -> [num_options]. Flatten a batch of B prompts with K options each
     as option b*K + k, then `.view(B, K)`. One index_add on every backend (already a single
-    fused op); differentiable."""
+    fused op); differentiable. Sums in the log-probs' dtype (float32 from `logprob`)."""
     assert token_logprobs.dim() == 1 and option_index.shape == token_logprobs.shape
     assert option_index.dtype == torch.int64
     out = token_logprobs.new_zeros(num_options)
@@ -133,18 +136,27 @@ def option_probs_reference(option_logprobs, *, temperature=1.0, clamp=None):
 
 def option_probs_torch(option_logprobs, *, temperature=1.0, clamp=None):
     assert option_logprobs.dim() == 2, "option_logprobs must be [B, K]"
-    return option_probs_reference(option_logprobs, temperature=temperature, clamp=clamp)
+    wide = torch.promote_types(option_logprobs.dtype, torch.float32)  # bfloat16 in: float32 math
+    probs = option_probs_reference(option_logprobs.to(wide), temperature=temperature,
+                                   clamp=clamp)
+    return probs.to(option_logprobs.dtype)
+
+
+def option_launch_config(K: int) -> dict:
+    """Launch resources of the option-probs kernel on the GPU: one row of K options per
+    program (the AOT compile test reads this too)."""
+    return dict(BLOCK_K=triton.next_power_of_2(K), num_warps=1, num_stages=1)
 
 
 def option_probs_triton(option_logprobs, *, temperature=1.0, clamp=None):
     assert option_logprobs.dim() == 2, "option_logprobs must be [B, K]"
     x = option_logprobs.detach().to(torch.float32).contiguous()
-    check_launchable(x)
     B, K = x.shape
     out = torch.empty_like(x)
     lo, hi = clamp if clamp is not None else (0.0, 1.0)
-    _option_probs_fwd_kernel[(B,)](x, out, K, 1.0 / temperature, float(lo), float(hi),
-                                   CLAMP=clamp is not None, BLOCK_K=triton.next_power_of_2(K))
+    with launch_device(x):
+        _option_probs_fwd_kernel[(B,)](x, out, K, 1.0 / temperature, float(lo), float(hi),
+                                       CLAMP=clamp is not None, **option_launch_config(K))
     return out.to(option_logprobs.dtype)
 
 
@@ -181,16 +193,22 @@ def _pair_torch(c, r, rc, rr, p, p_const, beta):
     return m, (torch.sigmoid(m) - p) / m.shape[0], loss, correct.float().mean()
 
 
+def pair_launch_config() -> dict:
+    """Launch resources of the pair-loss kernel on the GPU (the AOT compile test reads
+    this too): BLOCK pairs per program, 4 per thread (8 with 4 warps spilled on sm_90)."""
+    return dict(BLOCK=_BLOCK, num_warps=8, num_stages=1)
+
+
 def _pair_triton(c, r, rc, rr, p, p_const, beta):
-    check_launchable(c)
     B = c.shape[0]
     grid = (triton.cdiv(B, _BLOCK),)
     m, dm = torch.empty_like(c), torch.empty_like(c)
     parts = torch.zeros(grid[0], 2, device=c.device, dtype=torch.float32)
-    _pair_loss_fwd_kernel[grid](
-        c, r, c if rc is None else rc, r if rr is None else rr, c if p is None else p,
-        m, dm, parts, B, float(beta), float(p_const),
-        HAS_REF=rc is not None, HAS_P=p is not None, BLOCK=_BLOCK)
+    with launch_device(c, r, rc, rr, p):
+        _pair_loss_fwd_kernel[grid](
+            c, r, c if rc is None else rc, r if rr is None else rr, c if p is None else p,
+            m, dm, parts, B, float(beta), float(p_const),
+            HAS_REF=rc is not None, HAS_P=p is not None, **pair_launch_config())
     sums = parts.sum(0) / max(B, 1)
     return m, dm, sums[0], sums[1]
 
@@ -257,19 +275,22 @@ _DPO = {"torch": dpo_loss_torch, "triton": dpo_loss_triton, "reference": dpo_los
 
 def option_probs(option_logprobs, *, temperature=1.0, clamp=None):
     """Soft labels [B, K] from summed option log-probs [B, K]: softmax(x / T), optionally
-    clamped to `clamp=(lo, hi)` and renormalised. Detached."""
-    return _OPTION[backend("option_probs")](option_logprobs, temperature=temperature,
-                                            clamp=clamp)
+    clamped to `clamp=(lo, hi)` and renormalised. Detached. Computed in float32 (float64
+    for float64 input on the torch path), returned in the input's dtype."""
+    impl = backend("option_probs", option_logprobs.device)
+    return _OPTION[impl](option_logprobs, temperature=temperature, clamp=clamp)
 
 
 def bt_loss(r_chosen, r_rejected, p_chosen=None) -> PairLossOutput:
-    """Bradley-Terry loss with soft labels over [B] reward pairs (p_chosen None: hard)."""
-    return _BT[backend("bt_loss")](r_chosen, r_rejected, p_chosen)
+    """Bradley-Terry loss with soft labels over [B] reward pairs (p_chosen None: hard).
+    Margins, loss and accuracy in float32; loss returned in the rewards' dtype."""
+    return _BT[backend("bt_loss", r_chosen.device)](r_chosen, r_rejected, p_chosen)
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, *, beta=0.1, p_chosen=None,
              label_smoothing=0.0) -> PairLossOutput:
-    """Sigmoid DPO loss with soft labels over [B] pairs of sequence log-probs."""
-    return _DPO[backend("dpo_loss")](pol_chosen, pol_rejected, ref_chosen, ref_rejected,
-                                     beta=beta, p_chosen=p_chosen,
-                                     label_smoothing=label_smoothing)
+    """Sigmoid DPO loss with soft labels over [B] pairs of sequence log-probs. Margins,
+    loss and accuracy in float32; loss returned in the log-probs' dtype."""
+    return _DPO[backend("dpo_loss", pol_chosen.device)](
+        pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta=beta, p_chosen=p_chosen,
+        label_smoothing=label_smoothing)

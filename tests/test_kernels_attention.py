@@ -115,3 +115,52 @@ def test_decode_matches_last_row_of_packed(impl):
     out = DECODE[impl](q[last], k_cache, v_cache, torch.tensor(lens, dtype=torch.int32),
                        max(lens))
     torch.testing.assert_close(out, packed[last], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("lengths,Hq,Hkv,D,S", [
+    ([1], 3, 3, 16, 8),                 # GQA 1, batch 1, first token
+    ([1, 200, 77], 9, 3, 24, 203),      # GQA 3, lengths 1 and long, D not 2^k
+    ([130, 0, 5], 4, 1, 16, 140),       # multi-query, an empty slot
+])
+def test_decode_attention_triton_splits(splits, lengths, Hq, Hkv, D, S):
+    """One program per (slot, kv head, split) with the group's queries as a tile; the
+    splits' partial softmaxes merged by the combine kernel equal one softmax."""
+    q, k_cache, v_cache, lens = _decode_inputs(lengths, Hq, Hkv, D, S, seed=D + sum(lengths))
+    out = decode_attention_triton(q, k_cache, v_cache, lens, max(lengths), num_splits=splits)
+    ref = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), lens,
+                                     max(lengths))
+    live = lens > 0  # the reference's softmax over no key is NaN; the kernel's output is 0
+    torch.testing.assert_close(out[live].double(), ref[live], atol=ATOL, rtol=RTOL)
+    assert (out[~live] == 0).all()
+
+
+def test_decode_splits_fill_the_gpu_at_small_batch():
+    from kernels.attention import decode_splits
+
+    assert decode_splits(1, 8, 4096, 64) == 16  # batch 1: many splits of >= 4 tiles each
+    assert decode_splits(1, 2, 65536, 64) == 32  # capped
+    assert decode_splits(64, 8, 4096, 64) == 1  # a full batch fills the GPU alone
+    assert decode_splits(1, 8, 100, 64) == 1  # short caches are not split
+
+
+def test_decode_attention_triton_clamps_lengths_past_the_cache():
+    """A length past the cache must never address memory outside it (an illegal address
+    on a GPU): the kernel attends to the whole cache, as if the length were S."""
+    S = 20
+    q, k_cache, v_cache, _ = _decode_inputs([S, S], 4, 2, 16, S, seed=3)
+    too_long = torch.tensor([S + 7, S], dtype=torch.int32)
+    out = decode_attention_triton(q, k_cache, v_cache, too_long, S)
+    ref = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(),
+                                     torch.tensor([S, S]), S)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_decode_attention_cpu_paths_refuse_lengths_past_the_cache(impl):
+    fn = {"torch": decode_attention_torch, "reference": decode_attention_reference}[impl]
+    q, k_cache, v_cache, _ = _decode_inputs([4, 4], 4, 2, 16, 6, seed=4)
+    with pytest.raises(ValueError, match=r"\[0, 6\]"):
+        fn(q, k_cache, v_cache, torch.tensor([9, 2], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match="max_len 7"):
+        fn(q, k_cache, v_cache, torch.tensor([4, 2], dtype=torch.int32), 7)

@@ -1,4 +1,5 @@
-"""Dispatch: resolved once per op, CAI_KERNELS override, in-process override, no triton."""
+"""Dispatch: chosen by the inputs' device once per (op, device type), CAI_KERNELS and
+in-process overrides, no triton, and the engine on the CPU of a machine that has CUDA."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,70 @@ def test_default_is_torch_without_cuda():
     assert proc.returncode == 0, proc.stderr
     expected = "triton" if torch.cuda.is_available() else "torch"
     assert proc.stdout.strip() == repr({expected})
+
+
+def test_cpu_tensors_run_torch_when_cuda_is_reported(monkeypatch):
+    """Every GPU machine reports CUDA: CPU tensors must still run the torch path, CUDA
+    tensors the Triton one, each resolved once per (op, device type)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CAI_KERNELS", raising=False)
+    monkeypatch.setattr(_dispatch, "_resolved", {})
+    for op in kernels.OPS:
+        assert kernels.backend(op, torch.device("cpu")) == "torch"
+        assert kernels.backend(op, "cuda:1") == "triton"
+        assert kernels.backend(op) == "triton"  # no device: the machine's default
+    assert _dispatch._resolved[("logprob", "cpu")] == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a real GPU run: not interpreted
+    calls = []
+    lp_mod = sys.modules["kernels.logprob"]
+    monkeypatch.setitem(lp_mod._LOGPROB, "triton", lambda *a, **k: calls.append("triton"))
+    x = torch.randn(3, 40, requires_grad=True)
+    lp = kernels.logprob(x, torch.tensor([1, 2, 3]))
+    lp.sum().backward()
+    assert calls == [] and torch.isfinite(x.grad).all()
+    q, kv = torch.randn(5, 2, 16), torch.randn(5, 1, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    assert kernels.packed_attention(q, kv, kv, cu, 5).shape == (5, 2, 16)
+
+
+def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with kernels.override("triton", ops=["logprob"]):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            kernels.logprob(torch.randn(2, 5), torch.tensor([0, 1]))
+        assert kernels.backend("logprob", "cuda") == "triton"
+
+
+def test_triton_launchers_reject_inputs_on_two_devices():
+    """Triton launches on the current device: inputs elsewhere must be refused up front."""
+    from kernels._triton import launch_device
+
+    with pytest.raises(ValueError, match="share one device"):
+        launch_device(torch.empty(2), torch.empty(2, device="meta"))
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        launch_device(torch.empty(2, device="meta"))
+    attn = sys.modules["kernels.attention"]
+    q, kv = torch.randn(4, 2, 16), torch.randn(4, 1, 16)
+    with pytest.raises(ValueError, match="share one device"):
+        attn.packed_attention_triton(q, kv, kv, torch.tensor([0, 4], device="meta"), 4)
+
+
+def test_engine_generates_on_the_cpu_when_cuda_is_reported(tiny_model_dir):
+    """The snippet of a GPU machine's first run: CUDA reported, the model on the CPU, the
+    Triton interpreter off (as on a real GPU machine)."""
+    folder = tiny_model_dir()
+    code = ("import inspect, torch; torch.cuda.is_available = lambda: True\n"
+            "from engine import Engine, SamplingParams\n"
+            "kw = {'device': 'cpu'} if 'device' in inspect.signature(Engine.load).parameters "
+            "else {}\n"
+            f"out = Engine.load({str(folder)!r}, **kw).generate(['Hello'], "
+            "SamplingParams(max_new_tokens=4, temperature=0))\n"
+            "print(len(out))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CAI_KERNELS")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1"
 
 
 @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])

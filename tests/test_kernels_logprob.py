@@ -201,3 +201,133 @@ def test_empty_input():
     lp = linear_logprob_torch(torch.randn(0, 8), torch.randn(50, 8),
                               torch.zeros(0, dtype=torch.int64))
     assert lp.shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------
+# Masked (-inf) logits, out-of-vocabulary labels, bfloat16 on the fused linear path
+# ------------------------------------------------------------------------------------------
+def _masked_logits(N, V, gen, first_tile_masked=4096):
+    """Random logits with scattered -inf entries; row 0's first `first_tile_masked` logits
+    (a whole Triton tile) are all -inf, and no label falls on a masked logit of row 1."""
+    logits = 3 * torch.randn(N, V, generator=gen, dtype=torch.float64)
+    logits[torch.rand(N, V, generator=gen, dtype=torch.float64) < 0.3] = float("-inf")
+    logits[0, :first_tile_masked] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_logprob_masked_logits(impl, entropy):
+    """-inf logits are legal: finite log-probs, entropies and gradients (no NaN), equal to
+    the float64 reference computed on the finite logits only."""
+    gen = torch.Generator().manual_seed(11)
+    N, V = 4, 5000
+    logits64 = _masked_logits(N, V, gen)
+    labels = torch.tensor([4500, 3, -100, 7])
+    finite = torch.isfinite(logits64)
+    for i, y in enumerate(labels.tolist()):  # labels on finite logits
+        if y >= 0 and not finite[i, y]:
+            logits64[i, y] = 0.5
+    fn = {**LOGPROB, "reference": logprob_reference}[impl]
+    logits = logits64.float().requires_grad_()
+    out = _outputs(fn(logits, labels, temperature=0.9, return_entropy=entropy))
+    sum(o.sum() for o in out).backward()
+    for o in out:
+        assert torch.isfinite(o).all(), o
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[~finite] == 0).all()
+    # the reference on each row's finite logits alone
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            assert all(o[i] == 0 for o in out) and (logits.grad[i] == 0).all()
+            continue
+        keep = torch.isfinite(logits64[i])
+        x = logits64[i, keep].clone().requires_grad_()
+        ref = _outputs(logprob_reference(x[None], keep[:y].sum()[None], temperature=0.9,
+                                         return_entropy=entropy))
+        sum(r.sum() for r in ref).backward()
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o[i].double(), r[0].detach(), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits.grad[i, keep].double(), x.grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_logprob_label_on_masked_logit(impl):
+    """A label whose logit is -inf has log-prob -inf (probability 0), and the rest stays
+    finite: the entropy and every gradient."""
+    logits = torch.randn(2, 300)
+    logits[0, 5] = float("-inf")
+    logits.requires_grad_()
+    lp, ent = LOGPROB[impl](logits, torch.tensor([5, 6]), return_entropy=True)
+    assert lp[0] == float("-inf") and torch.isfinite(lp[1])
+    assert torch.isfinite(ent).all()
+    ent.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("fn", [logprob_torch, logprob_reference], ids=["torch", "reference"])
+def test_logprob_out_of_vocabulary_label_raises_on_cpu(fn):
+    logits = torch.randn(3, 50)
+    with pytest.raises((ValueError, RuntimeError), match="outside the vocabulary|out of bounds"):
+        fn(logits, torch.tensor([1, 50, 2]))
+    with pytest.raises(ValueError, match=r"labels\[0\] = -7"):
+        logprob_torch(logits, torch.tensor([-7, 1, 2]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_logprob_torch(torch.randn(3, 4), torch.randn(50, 4), torch.tensor([0, 1, 99]))
+
+
+def test_logprob_triton_never_reads_an_out_of_vocabulary_label():
+    """On CUDA the check would sync, so the kernel masks the load: NaN log-prob for that
+    row, the other rows and every gradient as without it."""
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(3, 70, generator=gen, requires_grad=True)
+    lp = logprob_triton(logits, torch.tensor([1, 1 << 40, -3]))
+    ref = logprob_reference(logits.detach().double(), torch.tensor([1, 0, 0]))
+    assert torch.isnan(lp[1]) and torch.isnan(lp[2])
+    torch.testing.assert_close(lp[0].double(), ref[0], atol=ATOL, rtol=RTOL)
+    lp[0].backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[1:] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_linear_logprob_bfloat16_accumulates_in_float32(impl):
+    """bfloat16 hidden/weight, one row per chunk, 512 equal rows: the weight's gradient sums
+    512 equal chunk contributions. In float32 that sum is exact to ~1e-6 and is rounded to
+    bfloat16 once (2^-9 relative); a bfloat16 running sum stops growing once the sum is 256
+    contributions (its half-ulp), so it ends ~50% low. Tolerances: dweight 1% relative,
+    lp 2e-4 (float32 logits; a bfloat16 logit alone is off by ~3e-2 at |z| ~ 8), dhidden 2%
+    (stored in bfloat16)."""
+    gen = torch.Generator().manual_seed(14)
+    N, H, V = 512, 16, 40
+    hidden = (torch.rand(1, H, generator=gen) + 0.5).expand(N, H).bfloat16().requires_grad_()
+    weight = (2 * torch.randn(V, H, generator=gen)).bfloat16().requires_grad_()
+    labels = torch.full((N,), 3)
+    lp = LINEAR[impl](hidden, weight, labels, chunk_size=1)
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    ref = linear_logprob_reference(h64, w64, labels)
+    ref.sum().backward()
+    assert weight.grad.dtype == torch.bfloat16 and hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.grad.double(), w64.grad, atol=1e-6, rtol=1e-2)
+    torch.testing.assert_close(lp.double(), ref.detach(), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=2e-2, rtol=2e-2)
+
+
+def test_logprob_bfloat16_logits_statistics_in_float32():
+    """bfloat16 logits: the torch path's log-softmax and gradient run in float32 (the
+    logits are exact bfloat16 numbers, so only float32 rounding remains)."""
+    gen = torch.Generator().manual_seed(15)
+    logits = (4 * torch.randn(6, 333, generator=gen)).bfloat16().requires_grad_()
+    labels = torch.randint(0, 333, (6,), generator=gen)
+    for fn in (logprob_torch, logprob_triton):
+        logits.grad = None
+        lp, ent = fn(logits, labels, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        x = logits.detach().double().requires_grad_()
+        ref = logprob_reference(x, labels, return_entropy=True)
+        sum(r.sum() for r in ref).backward()
+        torch.testing.assert_close(lp.double(), ref[0].detach(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ent.double(), ref[1].detach(), atol=1e-4, rtol=1e-4)
+        # the gradient is stored in bfloat16: one rounding, 2^-9 relative
+        torch.testing.assert_close(logits.grad.double(), x.grad, atol=4e-3, rtol=4e-3)

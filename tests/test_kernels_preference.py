@@ -117,3 +117,15 @@ def test_dpo_with_frozen_reference_sends_no_gradient_there():
     out = dpo_loss_torch(pc, pr, rc, rr)
     out.loss.backward()
     assert pc.grad is not None and rc.grad is None
+
+
+def test_option_probs_bfloat16_input_computes_in_float32():
+    """bfloat16 option log-probs: the softmax runs in float32 and is rounded once."""
+    import kernels.preference as pref
+
+    x = torch.tensor([[-0.30, -1.71, -2.9], [-5.0, -0.2, -0.21]], dtype=torch.bfloat16)
+    ref = torch.softmax(x.double() / 0.7, -1)
+    for fn in (pref.option_probs_torch, pref.option_probs_triton):
+        out = fn(x, temperature=0.7)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref.to(torch.bfloat16).double(), atol=0, rtol=0)
