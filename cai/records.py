@@ -44,6 +44,10 @@ class ResumableJsonl:
                     f"{self.path}: exists from a run with other settings ({', '.join(diff)}); "
                     "use the same settings to resume, or another output path (or --overwrite)"
                 )
+        elif self.path.exists() and self.path.stat().st_size:
+            # no sidecar: not a file this project wrote, so nothing in it is cut or appended to
+            raise InputError(f"{self.path}: exists and was not written by cai (no {self.meta_path.name} beside it); "
+                             "choose another output path, or --overwrite to replace it")
         else:
             tmp = self.meta_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(meta, indent=2))

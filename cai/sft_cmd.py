@@ -21,6 +21,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from cai.outputs import check_dir_output
 from cai.training import fresh_start
 from engine.errors import InputError
 
@@ -116,10 +117,10 @@ def run(args) -> int:
     from engine.train import NonFiniteLossError
 
     cfg = build_config(args)
+    out = check_dir_output(args.out, inputs=(args.data, args.include_helpful, args.config))
     examples = read_sft_file(args.data)
     if args.include_helpful:
         examples += read_sft_file(args.include_helpful)
-    out = Path(args.out)
     fresh_start(out, args.resume)
     eng = Engine.load(args.model)
     try:
