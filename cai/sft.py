@@ -185,7 +185,10 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
 
     With ``out``: checkpoints in ``out/checkpoints`` (resumed from when ``resume``), one JSON
     line per optimizer step in ``out/metrics.jsonl``, and the exports (``adapter/``,
-    ``peft/``, optionally ``merged/``). Leaves the trained adapter in the engine, inactive.
+    ``peft/``, optionally ``merged/``), each written whole and renamed into place. A resume
+    whose data, model or settings (other than when to stop or save) differ from the
+    checkpoint's is refused, naming the fields. Leaves the trained adapter in the engine,
+    inactive.
     """
     model, out = engine.model, Path(out) if out is not None else None
     convs = [c if isinstance(c, Conversation) else Conversation(list(c), f"example {i}") for i, c in enumerate(examples)]
