@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 import kernels
+from cai.outputs import atomic_folder
 from cai.pairs import EncodedPair, PreferencePair, as_pairs, encode_pairs, group_weights, pair_batches, pair_labels
 from cai.training import LoopSettings, summary, train_loop
 from engine import lora, profiling
@@ -175,7 +176,10 @@ def _step_fn(model, trainer: Trainer, pairs: list[PreferencePair], ref: torch.Te
 
 def _export(engine, cfg: DPOConfig, out: Path) -> None:
     model = engine.model
-    lora.save_adapter(model, cfg.adapter, out / "policy")
-    lora.export_peft(model, cfg.adapter, out / "peft", base_model_name_or_path=str(engine.source))
+    with atomic_folder(out / "policy") as tmp:  # each folder written whole, then renamed in
+        lora.save_adapter(model, cfg.adapter, tmp)
+    with atomic_folder(out / "peft") as tmp:
+        lora.export_peft(model, cfg.adapter, tmp, base_model_name_or_path=str(engine.source))
     if cfg.export_merged:
-        lora.export_merged(model, cfg.adapter, out / "merged", engine.tokenizer, engine.source)
+        with atomic_folder(out / "merged") as tmp:
+            lora.export_merged(model, cfg.adapter, tmp, engine.tokenizer, engine.source)

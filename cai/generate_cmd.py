@@ -3,7 +3,13 @@
 Input: JSON lines with ``prompt`` (a string) or ``messages`` (chat messages), or plain text
 on stdin (one prompt per line). A ``prompt`` goes through the chat template when the
 tokenizer has one, unless ``--raw``. Output: one JSON line per prompt, in input order,
-with every sample's text, token ids, log-probs and finish reason.
+with its ``index`` (0-based position in the input), every sample's text, token ids,
+log-probs and finish reason.
+
+Prompts are generated in chunks of a fixed size, each written (and fsynced) as it
+finishes. An ``--out`` file is resumed like ``cai sl``'s: the same command started again
+after an interruption skips the finished chunks; other settings, or a file this command
+did not write, are refused unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-slots", type=positive_int, default=32, help="concurrent sequences (KV cache slots)")
     p.add_argument("--raw", action="store_true", help="feed 'prompt' strings as raw text, without the chat template")
+    p.add_argument("--overwrite", action="store_true", help="replace --out instead of resuming it")
     p.set_defaults(func=run)
 
 
@@ -77,20 +84,56 @@ def sampling_params(args):
     return build_config(SamplingParams, [(given, source)]).validate()
 
 
+CHUNK = 64
+"""Prompts per generate call: the unit written at once (and the unit of the sampling seeds,
+so a resumed run samples exactly what an uninterrupted one does)."""
+
+
 def run(args) -> int:
+    from dataclasses import asdict
+
+    from cai.outputs import check_file_output, sha256_of
+    from cai.records import ResumableJsonl
+
     params = sampling_params(args)
+    if args.out != "-":
+        check_file_output(args.out, inputs=() if args.prompts == "-" else (args.prompts,), overwrite=args.overwrite)
     prompts = read_prompt_records(args.prompts, args.raw)
     eng = open_engine(args, max_slots=args.max_slots)
     if not eng.tokenizer.chat_template:
         prompts = [p[-1]["content"] if isinstance(p, list) and len(p) == 1 else p for p in prompts]
-    outs = eng.generate(prompts, params, progress=True)
-    sink = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
-    try:
-        for prompt, out in zip(prompts, outs):
-            rec = {"prompt": prompt, "samples": [s.__dict__ for s in out.samples]}
-            rec["text"] = out.text
-            sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+    if args.out == "-":
+        for start in range(0, len(prompts), CHUNK):
+            for rec in _chunk(eng, prompts, start, params, args.max_slots):
+                sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+        return 0
+    meta = {"stage": "generate", "model": eng.source, "prompts": _source(args.prompts), "raw": args.raw,
+            "prompts_sha256": sha256_of(prompts), "chunk": CHUNK, **asdict(params)}
+    with ResumableJsonl(args.out, meta, key="index", overwrite=args.overwrite) as out:
+        if out.count:
+            print(f"resuming {args.out}: {out.count} of {len(prompts)} prompts done", file=sys.stderr)
+        from tqdm import tqdm
+
+        with tqdm(total=len(prompts), initial=out.count, desc="generate", unit="prompt") as bar:
+            for start in range(0, len(prompts), CHUNK):
+                idx = range(start, min(start + CHUNK, len(prompts)))
+                if all(i in out.done for i in idx):
+                    continue
+                out.append(_chunk(eng, prompts, start, params, args.max_slots))
+                bar.update(len(idx))
     return 0
+
+
+def _chunk(eng, prompts: list, start: int, params, max_slots: int) -> list[dict]:
+    """The records of prompts[start : start + CHUNK], seeded by the chunk's position."""
+    from dataclasses import replace
+
+    part = prompts[start:start + CHUNK]
+    outs = eng.generate(part, replace(params, seed=params.seed + start), max_slots=max_slots)
+    return [{"index": start + k, "prompt": prompt, "samples": [s.__dict__ for s in o.samples], "text": o.text}
+            for k, (prompt, o) in enumerate(zip(part, outs))]
+
+
+def _source(path: str) -> str:
+    return path if path == "-" else str(Path(path).resolve())

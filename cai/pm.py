@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import kernels
 from cai.pairs import (EncodedPair, PreferencePair, as_pairs, encode_pairs, encode_response, group_weights,
                        pair_batches, pair_labels, prompt_messages, split_heldout)
+from cai.outputs import atomic_folder
 from cai.training import LoopSettings, summary, train_loop
 from cai.sft import use_chat
 from engine import lora, profiling
@@ -259,12 +260,13 @@ def save_reward_model(rm: RewardModel, folder: str | Path, extra: dict | None = 
     """The adapter (engine format), ``reward_head.safetensors`` and ``reward_model.json``."""
     from safetensors.torch import save_file
 
-    folder = lora.save_adapter(rm.engine.model, rm.adapter, folder)
-    save_file({k: v.detach().contiguous() for k, v in rm.head.state_dict().items()}, str(folder / HEAD_FILE))
-    meta = {"format": "cai-engine-reward", "hidden_size": rm.engine.model.cfg.hidden_size,
-            "prompt_format": "chat" if rm.chat else "text", "base_model": rm.engine.source, **(extra or {})}
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-    return folder
+    with atomic_folder(folder) as tmp:  # written whole beside ``folder``, then renamed in
+        lora.save_adapter(rm.engine.model, rm.adapter, tmp)
+        save_file({k: v.detach().contiguous() for k, v in rm.head.state_dict().items()}, str(tmp / HEAD_FILE))
+        meta = {"format": "cai-engine-reward", "hidden_size": rm.engine.model.cfg.hidden_size,
+                "prompt_format": "chat" if rm.chat else "text", "base_model": rm.engine.source, **(extra or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Path(folder)
 
 
 def load_reward_model(engine, folder: str | Path, name: str = "reward", max_tokens_per_batch: int = 8192) -> RewardModel:

@@ -44,7 +44,9 @@ import torch
 
 import kernels
 from cai import prompting
+from cai.outputs import atomic_folder, remove_partial
 from cai.prompts import PromptRecord, select_prompts
+from cai.training import truncate_metrics
 from engine import Engine, SamplingParams, profiling
 from engine import lora
 from engine.batch import PackedBatch, pack
@@ -431,10 +433,12 @@ class PPOTrainer:
     def export(self, out: Path) -> None:
         from safetensors.torch import save_file
 
-        lora.save_adapter(self.model, "policy", out / "policy")
-        lora.export_peft(self.model, "policy", out / "peft", base_model_name_or_path=str(self.eng.source))
-        save_file({k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(out / "policy" / "value_head.safetensors"))
+        with atomic_folder(out / "policy") as tmp:  # each folder written whole, then renamed in
+            lora.save_adapter(self.model, "policy", tmp)
+            save_file({k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+        with atomic_folder(out / "peft") as tmp:
+            lora.export_peft(self.model, "policy", tmp, base_model_name_or_path=str(self.eng.source))
 
 
 def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PPOConfig,
@@ -449,6 +453,7 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
     metrics_path = out / "metrics.jsonl" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial(out)  # what a run killed mid-write left behind
         if ppo.resume(out / "checkpoints"):
             _truncate(metrics_path, ppo.iteration)
         elif metrics_path.exists():
@@ -483,9 +488,7 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
 
 def _truncate(path: Path, iteration: int) -> None:
     """Drop metric lines past the checkpoint so a resumed run never repeats an iteration."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    truncate_metrics(path, iteration, key="iteration")
 
 
 def _cycle(pool: list[PromptRecord], start: int, count: int, seed: str, kind: str) -> list[PromptRecord]:

@@ -45,6 +45,7 @@ class PromptRecord:
     messages: list[Message] | None = None
     category: str | None = None  # harm or task category, for per-category reports
     split: str | None = None  # "train" or "heldout"; None when the source has no split
+    where: str | None = None  # "file:line" it was read from, for messages about it
 
 
 def add_prompt_flags(p) -> None:
@@ -140,7 +141,7 @@ def _record(obj: Any, where: str, default_id: str, strict: bool) -> PromptRecord
         raise InputError(f"{where}: 'category' must be a string")
     if split is not None and split not in SPLITS:
         raise InputError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
-    return PromptRecord(str(ident), prompt.strip(), messages, category, split)
+    return PromptRecord(str(ident), prompt.strip(), messages, category, split, where)
 
 
 def _common_names(obj: dict) -> dict:
@@ -219,7 +220,7 @@ def _from_csv(text: str, label: str) -> list[PromptRecord]:
 
 def _from_text(text: str, label: str) -> list[PromptRecord]:
     stem = Path(label).stem
-    return [PromptRecord(f"{stem}-{n}", line.strip())
+    return [PromptRecord(f"{stem}-{n}", line.strip(), where=f"{label}:{n}")
             for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 

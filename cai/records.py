@@ -35,6 +35,7 @@ class ResumableJsonl:
         self.meta = json.loads(json.dumps(meta))  # normalise tuples etc. for comparison
         self.done: set = set()
         self.count = 0
+        self._refuse_foreign()
         if self.path.exists():
             self._repair_and_index()
         if self.count:
@@ -43,8 +44,6 @@ class ResumableJsonl:
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def _check_meta(self) -> None:
-        if not self.meta_path.exists():
-            return self._pin()
         old = json.loads(read_text(self.meta_path))
         diff = sorted(k for k in set(old) | set(self.meta) if old.get(k) != self.meta.get(k))
         if diff:
@@ -52,6 +51,13 @@ class ResumableJsonl:
                 f"{self.path}: exists from a run with other settings ({', '.join(diff)}); "
                 "use the same settings to resume, or another output path (or --overwrite)"
             )
+
+    def _refuse_foreign(self) -> None:
+        # Settings are pinned before the first record lands, so a non-empty file without a
+        # sidecar was not written by cai: nothing in it is cut or appended to.
+        if self.path.is_file() and self.path.stat().st_size and not self.meta_path.exists():
+            raise InputError(f"{self.path}: exists and was not written by cai (no {self.meta_path.name} beside it); "
+                             "choose another output path, or --overwrite to replace it")
 
     def _pin(self) -> None:
         tmp = self.meta_path.with_suffix(".tmp")

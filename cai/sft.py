@@ -18,14 +18,15 @@ a revision, so it is left out and counted (``unrevised_skipped`` in the summary)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 
+from cai.outputs import atomic_folder, sha256_of
 from cai.records import iter_jsonl
-from engine import lora, profiling
 from cai.training import LoopSettings, summary, train_loop
+from engine import lora, profiling
 from engine.batch import batches_by_tokens
 from engine.errors import InputError
 from engine.lora import LoraConfig
@@ -231,7 +232,10 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
 
     With ``out``: checkpoints in ``out/checkpoints`` (resumed from when ``resume``), one JSON
     line per optimizer step in ``out/metrics.jsonl``, and the exports (``adapter/``,
-    ``peft/``, optionally ``merged/``). Leaves the trained adapter in the engine, inactive.
+    ``peft/``, optionally ``merged/``), each written whole and renamed into place. A resume
+    whose data, model or settings (other than when to stop or save) differ from the
+    checkpoint's is refused, naming the fields. Leaves the trained adapter in the engine,
+    inactive.
     """
     model, out = engine.model, Path(out) if out is not None else None
     convs = [c if isinstance(c, Conversation) else Conversation(list(c), f"example {i}") for i, c in enumerate(examples)]
@@ -250,7 +254,7 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
     params = _trainable(engine, cfg)
     trainer = Trainer(params.values(), optim)
     run = LoopSettings("sft", cfg.epochs, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.max_steps, cfg.seed,
-                       postfix=("loss", "lr"))
+                       postfix=("loss", "lr"), pinned=pinned_settings(engine, convs, cfg))
     try:
         log = train_loop(run, trainer, params, epoch_batches, _step_fn(model, trainer), out, progress, resume)
         if out is not None:
@@ -258,6 +262,24 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
         return {**summary(log, trainer.step), "examples": len(convs), "unrevised_skipped": unrevised}
     finally:
         _restore(engine, cfg, previous)
+
+
+# Settings that only say when to stop, how often to save or what to export: a resumed run
+# may change them without changing the result.
+_UNPINNED = ("max_steps", "checkpoint_every", "keep_checkpoints", "export_merged")
+
+
+def pinned_settings(engine, convs: Sequence[Conversation], cfg: SFTConfig) -> dict:
+    """What determines an SFT run's result, flat (``optim.lr``, ``epochs``, ``data_sha256``,
+    ...): a resume with any of it changed is refused."""
+    flat = {}
+    for k, v in asdict(cfg).items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        elif k not in _UNPINNED:
+            flat[k] = v
+    return {"model": str(engine.source), "examples": len(convs),
+            "data_sha256": sha256_of([c.messages for c in convs]), **flat}
 
 
 def _trainable(engine, cfg: SFTConfig) -> dict:
@@ -298,9 +320,13 @@ def _step_fn(model, trainer: Trainer):
 
 
 def _export(engine, cfg: SFTConfig, out: Path) -> None:
+    """Each export folder is written whole beside its place and renamed in (``atomic_folder``)."""
     model = engine.model
     if not cfg.full:
-        lora.save_adapter(model, cfg.adapter, out / "adapter")
-        lora.export_peft(model, cfg.adapter, out / "peft", base_model_name_or_path=str(engine.source))
+        with atomic_folder(out / "adapter") as tmp:
+            lora.save_adapter(model, cfg.adapter, tmp)
+        with atomic_folder(out / "peft") as tmp:
+            lora.export_peft(model, cfg.adapter, tmp, base_model_name_or_path=str(engine.source))
     if cfg.full or cfg.export_merged:
-        lora.export_merged(model, None if cfg.full else cfg.adapter, out / "merged", engine.tokenizer, engine.source)
+        with atomic_folder(out / "merged") as tmp:
+            lora.export_merged(model, None if cfg.full else cfg.adapter, tmp, engine.tokenizer, engine.source)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine
+from cai.outputs import check_dir_output
 from cai.pm_cmd import TRAINING_PREFIXES, add_common_flags
 from cai.sft import SFTConfig
 from cai.training import fresh_start
@@ -44,10 +45,10 @@ def run(args) -> int:
     from engine.train import NonFiniteLossError
 
     cfg = config_from_args(SFTConfig, args, args.config)
+    out = check_dir_output(args.out, inputs=(args.data, args.include_helpful, args.config))
     examples = read_sft_file(args.data)
     if args.include_helpful:
         examples += read_sft_file(args.include_helpful)
-    out = Path(args.out)
     fresh_start(out, args.resume)
     eng = open_engine(args)
     try:

@@ -14,16 +14,20 @@ Deliberate differences from the paper: an empty or degenerate revision keeps the
 answer (and is flagged) rather than training on it; an example whose every revision was
 degenerate is flagged ``unrevised`` (SFT leaves it out, since its answer is the original
 one); and output is cleaned of echoed role labels and of any next turn the model starts to
-write.
+write. An example whose prompt outgrows the model's context in any phase is skipped with a
+warning naming its id and input line (and counted in ``SLRunner.skipped``); the rest of the
+chunk goes on.
 """
 from __future__ import annotations
 
 import random
+import sys
 import zlib
 from dataclasses import asdict, dataclass, field
 
 from cai import prompting
 from cai.constitution import Constitution
+from cai.outputs import sha256_of
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
 from engine import Engine, SamplingParams, profiling
@@ -70,6 +74,18 @@ def resolve_style(style: str, engine: Engine) -> str:
     return style
 
 
+def prompt_source(source: str, prompts: list[PromptRecord]) -> dict:
+    """What identifies a run's prompt set, for the output's meta: the source (a file as an
+    absolute path, or a built-in's name) and a hash of the prompts selected from it (so a
+    changed file, split or --limit is a changed source)."""
+    from pathlib import Path
+
+    name = str(Path(source).resolve()) if Path(source).is_file() else str(source)
+    content = [{"id": p.id, "prompt": p.prompt, "messages": p.messages, "category": p.category, "split": p.split}
+               for p in prompts]
+    return {"prompts": name, "prompts_sha256": sha256_of(content)}
+
+
 def draw_principles(constitution: Constitution, seed: int, example_id: str, rounds: int) -> list:
     """The critique/revision pair of each round, drawn independently per round."""
     pairs = constitution.critique_revision
@@ -85,16 +101,20 @@ class SLRunner:
         self.style = resolve_style(cfg.style, engine)
         self.fewshot_kw = {} if cfg.max_fewshot == -1 else {"max_fewshot": cfg.max_fewshot}
         self.fewshot = constitution.fewshot_critique_revision
+        self.skipped: list[str] = []
+        """Ids of the examples skipped because a prompt did not fit the model's context."""
 
     def meta(self) -> dict:
         return {"stage": "sl", "model": self.eng.source, "constitution": self.con.source,
                 "style": self.style, **asdict(self.cfg)}
 
     def run(self, prompts: list[PromptRecord], out: ResumableJsonl, progress=None) -> None:
-        todo = [p for p in prompts if p.id not in out.done]
-        for start in range(0, len(todo), self.cfg.chunk_size):
-            chunk = todo[start : start + self.cfg.chunk_size]
-            out.append(self.run_chunk(chunk, progress))
+        # Chunks sit at fixed positions of the prompt list, so a resumed run makes the very
+        # chunks (and sampling seeds) of an uninterrupted one, even around a skipped example.
+        for start in range(0, len(prompts), self.cfg.chunk_size):
+            chunk = prompts[start : start + self.cfg.chunk_size]
+            if any(p.id not in out.done for p in chunk):
+                out.append(self.run_chunk(chunk, progress))
 
     def _params(self, phase: str, round_: int, chunk: list[PromptRecord]) -> SamplingParams:
         key = f"{self.cfg.seed}:{phase}:{round_}:{chunk[0].id}"
@@ -102,21 +122,38 @@ class SLRunner:
                               top_p=self.cfg.top_p, seed=zlib.crc32(key.encode()),
                               stop=prompting.stop_strings(self.style))
 
-    def _generate(self, prompts: list, params: SamplingParams, phase: str) -> list[tuple[str, list[str]]]:
+    def _generate(self, prompts: list, chunk: list[PromptRecord], alive: list[bool], phase: str,
+                  round_: int) -> list[tuple[str, list[str]]]:
+        """Cleaned outputs of the examples still ``alive`` (("", []) for the others). One whose
+        prompt does not fit the context is skipped from here on (``alive`` set False)."""
         with profiling.phase(f"cai.sl.{phase}"):
-            return self._generate_clean(prompts, params)
+            ids = [self._ids(p) if ok else None for p, ok in zip(prompts, alive)]
+            limit = self.eng.model.cfg.max_position_embeddings
+            for i, t in enumerate(ids):
+                if t is not None and len(t) >= limit:
+                    alive[i], ids[i] = False, None
+                    self._skip(chunk[i], f"{phase} prompt of round {round_}", len(t), limit)
+            todo = [i for i, t in enumerate(ids) if t is not None]
+            outs = self.eng.generate([ids[i] for i in todo], self._params(phase, round_, chunk),
+                                     max_slots=self.cfg.max_slots) if todo else []
+            res: list[tuple[str, list[str]]] = [("", [])] * len(prompts)
+            for i, o in zip(todo, outs):
+                res[i] = prompting.clean_response(o.text)
+            return res
 
-    def _generate_clean(self, prompts: list, params: SamplingParams) -> list[tuple[str, list[str]]]:
-        texts = [prompting.render(p, self.eng.tokenizer) for p in prompts]
-        ids = [self.eng.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
-        return [prompting.clean_response(o.text) for o in outs]
+    def _ids(self, prompt) -> list[int]:
+        return self.eng.tokenizer(prompting.render(prompt, self.eng.tokenizer), add_special_tokens=False)["input_ids"]
+
+    def _skip(self, p: PromptRecord, what: str, n: int, limit: int) -> None:
+        self.skipped.append(p.id)
+        print(f"warning: skipping record {p.id!r} ({p.where or 'input'}): its {what} has {n} tokens, "
+              f"the model's context is {limit}", file=sys.stderr)
 
     def run_chunk(self, chunk: list[PromptRecord], progress=None) -> list[dict]:
         """Answer, then R rounds of critique -> revision, for every example of the chunk."""
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in chunk]
-        answers = self._generate([prompting.initial_prompt(c, self.style) for c in convs],
-                                 self._params("answer", 0, chunk), "answer")
+        alive = [True] * len(chunk)
+        answers = self._generate([prompting.initial_prompt(c, self.style) for c in convs], chunk, alive, "answer", 0)
         initial = [a for a, _ in answers]
         current = list(initial)
         draws = [draw_principles(self.con, self.cfg.seed, p.id, self.cfg.rounds) for p in chunk]
@@ -126,10 +163,10 @@ class SLRunner:
             pairs = [d[r] for d in draws]
             crit_prompts = [prompting.critique_prompt(d, pr, self.style, self.fewshot, **self.fewshot_kw)
                             for d, pr in zip(dialogues, pairs)]
-            critiques = self._generate(crit_prompts, self._params("critique", r, chunk), "critique")
+            critiques = self._generate(crit_prompts, chunk, alive, "critique", r)
             rev_prompts = [prompting.revision_prompt(d, c, pr, self.style, self.fewshot, **self.fewshot_kw)
                            for d, (c, _), pr in zip(dialogues, critiques, pairs)]
-            revisions = self._generate(rev_prompts, self._params("revision", r, chunk), "revision")
+            revisions = self._generate(rev_prompts, chunk, alive, "revision", r)
             for i, ((crit, cflags), (rev, rflags), pr) in enumerate(zip(critiques, revisions, pairs)):
                 flags = [f"critique_{f}" for f in cflags if f in ("empty", "degenerate")] + rflags
                 if prompting.is_degenerate(rev):
@@ -137,7 +174,7 @@ class SLRunner:
                     rev = current[i]
                 current[i] = rev
                 history[i].append(Round(pr.id, pr.critique, crit, pr.revision, rev, flags))
-        records = [self._record(p, c, a0, h) for p, c, a0, h in zip(chunk, convs, initial, history)]
+        records = [self._record(p, c, a0, h) for p, c, a0, h, ok in zip(chunk, convs, initial, history, alive) if ok]
         if progress is not None:
             progress.update(len(chunk))
         return records

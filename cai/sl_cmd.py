@@ -28,21 +28,25 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from cai.constitution import load_constitution
+    from cai.outputs import check_file_output
     from cai.prompts import select_prompts
     from cai.records import ResumableJsonl
-    from cai.sl import SLRunner
     from cai.config import open_engine
+    from cai.sl import SLRunner, prompt_source
 
     cfg = config_from_args(SLConfig, args)
+    check_file_output(args.out, inputs=(args.prompts, args.constitution), overwrite=args.overwrite)
     constitution = load_constitution(args.constitution)
     prompts = select_prompts(args.prompts, args.split, args.limit)
     eng = open_engine(args, max_slots=cfg.max_slots)
     runner = SLRunner(eng, constitution, cfg)
-    with ResumableJsonl(args.out, runner.meta(), overwrite=args.overwrite) as out:
+    meta = {**runner.meta(), **prompt_source(args.prompts, prompts)}
+    with ResumableJsonl(args.out, meta, overwrite=args.overwrite) as out:
         left = sum(p.id not in out.done for p in prompts)
         if out.count:
             print(f"resuming {args.out}: {out.count} records done, {left} to go")
         with tqdm(total=left, desc="sl-cai", unit="example") as bar:
             runner.run(prompts, out, bar)
-        print(f"wrote {out.count} records to {args.out}")
+        skipped = f"; skipped {len(runner.skipped)} that did not fit the context" if runner.skipped else ""
+        print(f"wrote {out.count} records to {args.out}{skipped}")
     return 0

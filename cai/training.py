@@ -5,19 +5,25 @@ group of ``grad_accum`` micro-batches, then ``trainer.apply()``); the loop does 
 one JSON line per optimizer step in ``out/metrics.jsonl``, atomic checkpoints in
 ``out/checkpoints``, resume from the newest one (cutting metric lines past it, so no step is
 ever logged twice), a progress bar, and naming the last good checkpoint when a loss turns
-non-finite.
+non-finite (no checkpoint with non-finite weights is ever written, so that one is finite).
+
+A stage pins what determines its result (``LoopSettings.pinned``: data hash, epochs,
+learning rate, ...) in every checkpoint; resuming with other values is refused, naming the
+fields, rather than continuing one run with another's settings.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from cai.outputs import remove_partial
+from cai.records import iter_jsonl
 from engine import profiling
 from engine.batch import PackedBatch
 from engine.errors import InputError
@@ -36,6 +42,9 @@ class LoopSettings:
     seed: int
     postfix: tuple[str, ...] = ("loss",)
     """Step metrics shown on the progress bar."""
+    pinned: dict = field(default_factory=dict)
+    """JSON-able settings that determine the result (flat: field name -> value); stored in
+    every checkpoint, and a resume with any of them changed is refused."""
 
 
 StepFn = Callable[[list[PackedBatch]], dict]
@@ -48,7 +57,9 @@ def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches:
     ``step(group)`` returns the step's metrics (at least ``step`` and ``loss``). Returns this
     call's step records.
     """
-    start = resume_from(out, params, trainer) if resume and out is not None else None
+    if out is not None:
+        remove_partial(out)  # what a run killed mid-write left behind
+    start = resume_from(out, params, trainer, run.pinned) if resume and out is not None else None
     if start is None:  # fresh: seeded dropout masks; a resumed run restored the RNG state instead
         torch.manual_seed(run.seed)
         start = {"epoch": 0, "next_batch": 0}
@@ -72,7 +83,8 @@ def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches:
                     bar.set_postfix({k: f"{rec[k]:.4g}" for k in run.postfix if k in rec})
                 nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
                 if ckpt_dir is not None and (trainer.step % run.checkpoint_every == 0 or trainer.step >= last):
-                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer, "meta": nxt},
+                    save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer,
+                                                             "meta": {**nxt, "pinned": run.pinned}},
                                     keep=run.keep_checkpoints)
     finally:
         if bar is not None:
@@ -113,12 +125,15 @@ def fresh_start(out: Path, resume: bool) -> None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def resume_from(out: Path, params: dict, trainer: Trainer) -> dict | None:
+def resume_from(out: Path, params: dict, trainer: Trainer, pinned: dict | None = None) -> dict | None:
     """Load the newest checkpoint under ``out/checkpoints`` into ``params`` and the optimizer;
-    returns where the loop stopped, or None for a fresh run."""
+    returns where the loop stopped, or None for a fresh run. A checkpoint whose pinned
+    settings differ from ``pinned`` is refused (one written before settings were pinned is
+    taken as it is)."""
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is None:
         return None
+    check_pinned(ckpt, pinned or {})
     try:
         state = load_checkpoint(ckpt, params, trainer.optimizer)
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -129,11 +144,38 @@ def resume_from(out: Path, params: dict, trainer: Trainer) -> dict | None:
     return state["meta"]
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after the checkpoint, so a resumed run never duplicates a step."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def check_pinned(ckpt: Path, pinned: dict) -> None:
+    """Refuse to resume from ``ckpt`` if a pinned setting changed, naming every field."""
+    old = json.loads((ckpt / "state.json").read_text())["meta"].get("pinned")
+    if old is None or not pinned:
+        return
+    new = json.loads(json.dumps(pinned))  # tuples -> lists, as stored
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(k if k.endswith("sha256") else f"{k} (was {old.get(k)!r}, now {new.get(k)!r})"
+                          for k in changed)
+        raise InputError(f"{ckpt.parent.parent}: its checkpoints come from a run with other settings: {shown}; "
+                         "use the same settings to resume, or start over with --no-resume or another --out")
+
+
+def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+    """Keep the metric lines up to ``step``, so a resumed run never logs a step twice.
+
+    A line cut off by a kill mid-write is dropped first, as ``ResumableJsonl`` drops one;
+    the complete lines are read with the datasets' reader (``iter_jsonl``), which names the
+    file and line of anything else that is not JSON.
+    """
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):  # the last record of a killed run, cut off mid-write
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    keep = [rec for _, rec in iter_jsonl(path) if rec[key] <= step] if data[:end].strip() else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+    tmp.replace(path)
 
 
 def write_metrics(out: Path | None, rec: dict) -> None:

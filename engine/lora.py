@@ -258,9 +258,9 @@ def load_adapter(model: Decoder, name: str, folder: str | Path) -> LoraAdapter:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder}: not a readable engine adapter folder: {exc}") from exc
-    if meta.get("num_layers") != len(model.layers):
-        raise InputError(f"{folder}: adapter for {meta.get('num_layers')} layers, model has {len(model.layers)}")
-    cfg = LoraConfig(rank=meta["rank"], alpha=meta["alpha"], dropout=meta["dropout"], targets=meta["targets"])
+    cfg = _config_from(meta, folder / CONFIG_FILE)
+    if meta["num_layers"] != len(model.layers):
+        raise InputError(f"{folder}: adapter for {meta['num_layers']} layers, model has {len(model.layers)}")
     ad = add_adapter(model, name, cfg)
     try:
         ad.load_state_dict(tensors, strict=True)
@@ -268,6 +268,19 @@ def load_adapter(model: Decoder, name: str, folder: str | Path) -> LoraAdapter:
         remove_adapter(model, name)
         raise InputError(f"{folder}: adapter weights do not fit this model: {exc}") from exc
     return ad
+
+
+def _config_from(meta, where: Path) -> LoraConfig:
+    """The LoraConfig of an adapter_config.json, naming the file and the key that is wrong."""
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    missing = [k for k in ("num_layers", "rank", "alpha", "dropout", "targets") if k not in meta]
+    if missing:
+        raise InputError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+    try:
+        return LoraConfig(rank=meta["rank"], alpha=meta["alpha"], dropout=meta["dropout"], targets=meta["targets"])
+    except (InputError, TypeError, ValueError) as exc:
+        raise InputError(f"{where}: {exc}") from exc
 
 
 # ---- exports: peft folder, merged weights ------------------------------------------------

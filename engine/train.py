@@ -32,6 +32,7 @@ from engine import profiling
 from engine.device import cuda_present
 
 CKPT_PREFIX = "step-"
+TMP_CKPT_PREFIX = ".tmp-ckpt-"
 
 
 @dataclass
@@ -85,6 +86,28 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
         super().__init__(f"step {step}: the {what} is {value}; the run stopped before updating the weights, "
                          "the last checkpoint is kept (lower the learning rate or check the data)")
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The weights or optimizer state after optimizer step ``step`` hold NaN or infinite
+    values (a finite loss can still take a step that overflows, e.g. with a huge learning
+    rate); no checkpoint of that step is written, so every checkpoint on disk is finite."""
+
+    def __init__(self, step: int, names: list[str], last_good: Path | None):
+        self.step = step
+        RuntimeError.__init__(
+            self, f"step {step}: {len(names)} trained tensor(s) are not finite after the update "
+            f"(e.g. {', '.join(names[:3])}); the checkpoint of step {step} was not written; "
+            f"last good checkpoint: {last_good or 'none yet'} (lower the learning rate or check the data)")
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one host sync)."""
+    names = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    ok = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+    return [k for k, good in zip(names, ok) if not good]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -166,6 +189,7 @@ class Trainer:
 
 def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``root/step-{step}/`` atomically and keep only the newest ``keep`` checkpoints.
+    Raises NonFiniteStateError, writing nothing, if a tensor to save is not finite.
 
     ``state`` keys: "params" {name: tensor} (required), "optimizer" (a torch optimizer, or
     None), "meta" (JSON-able scalars: epoch, batch position, config ...). The Python and
@@ -176,11 +200,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], k
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
+    params = {k: v.detach().cpu().contiguous() for k, v in state["params"].items()}
+    opt = state.get("optimizer")
+    opt_tensors, groups = _flatten_optimizer(opt.state_dict()) if opt is not None else ({}, None)
+    bad = non_finite(params) + [f"optimizer {k}" for k in non_finite(opt_tensors)]
+    if bad:
+        raise NonFiniteStateError(step, bad, latest_checkpoint(root))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_CKPT_PREFIX, dir=root))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state["params"].items()}, str(tmp / "params.safetensors"))
-        opt = state.get("optimizer")
-        opt_tensors, groups = _flatten_optimizer(opt.state_dict()) if opt is not None else ({}, None)
+        save_file(params, str(tmp / "params.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch_rng": torch.get_rng_state()}
         if cuda_present() and torch.cuda.is_initialized():

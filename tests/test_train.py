@@ -98,3 +98,17 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert [c.name for c in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     with pytest.raises(ValueError, match="do not match"):
         load_checkpoint(latest_checkpoint(tmp_path), {"other": torch.ones(2)})
+
+
+def test_non_finite_state_is_never_checkpointed_and_the_last_good_one_is_named(tmp_path):
+    p = torch.nn.Parameter(torch.ones(2))
+    t = Trainer([p], OptimConfig(lr=0.1, warmup_steps=0))
+    t.backward(p.sum())
+    t.apply()
+    good = save_checkpoint(tmp_path, 1, {"params": {"w": p}, "optimizer": t.optimizer})
+    with pytest.raises(NonFiniteLossError, match=rf"step 2: 1 trained tensor.*w.*last good checkpoint: {good}"):
+        save_checkpoint(tmp_path, 2, {"params": {"w": torch.tensor([1.0, float("nan")])}, "optimizer": t.optimizer})
+    t.optimizer.state[p]["exp_avg_sq"].fill_(float("inf"))  # finite weights, poisoned moments
+    with pytest.raises(NonFiniteLossError, match=r"step 3: .*optimizer state\.0\.exp_avg_sq"):
+        save_checkpoint(tmp_path, 3, {"params": {"w": p}, "optimizer": t.optimizer})
+    assert list_checkpoints(tmp_path) == [good]
