@@ -97,6 +97,10 @@ class Recorder:
     def source(self):
         return self.backend.source
 
+    @property
+    def max_context(self):
+        return self.backend.max_context
+
     def generate(self, prompts, params, max_slots=None):
         phase = "answer" if self.calls == 0 else ("critique" if self.calls % 2 else "revision")
         self.calls += 1
@@ -117,6 +121,7 @@ class HFGenerate:
     def __init__(self, model, tokenizer, source: str, eos_ids: list[int]):
         self.model, self.tokenizer, self.source, self.eos = model, tokenizer, source, eos_ids
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        self.max_context = model.config.max_position_embeddings
 
     def generate(self, prompts: list[list[int]], params, max_slots: int | None = None):
         from engine.generate import RequestOutput

@@ -128,7 +128,7 @@ class SLRunner:
         prompt does not fit the context is skipped from here on (``alive`` set False)."""
         with profiling.phase(f"cai.sl.{phase}"):
             ids = [self._ids(p) if ok else None for p, ok in zip(prompts, alive)]
-            limit = self.eng.model.cfg.max_position_embeddings
+            limit = self.eng.max_context
             for i, t in enumerate(ids):
                 if t is not None and len(t) >= limit:
                     alive[i], ids[i] = False, None

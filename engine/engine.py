@@ -55,6 +55,11 @@ class Engine:
         return self.model.device
 
     @property
+    def max_context(self) -> int:
+        """The most tokens a sequence (prompt + completion) may hold."""
+        return self.model.cfg.max_position_embeddings
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.embed.dtype
 
