@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cai.config import Source, add_model_flags, build_config, open_engine, positive_int
 from engine.errors import InputError

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from cai.config import add_config_flags, add_model_flags, config_from_args, open_engine
 from cai.outputs import check_dir_output
