@@ -289,18 +289,21 @@ def add_model_flags(p: argparse.ArgumentParser, help_: str = "the shared base mo
                    help=f"where the model runs: {DEVICES_HELP} (default: auto, a GPU when there is one)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weight dtype (default: auto, bfloat16 on a GPU and float32 on the CPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay each decode step as a captured CUDA graph; --no-cuda-graphs "
+                        "decodes eagerly (no effect on the CPU) (default: on)")
 
 
-def load_engine(model: str, device: str = "auto", dtype: str = "auto", **kw):
-    """``Engine.load`` with the device and dtype settings of a command or a run."""
+def load_engine(model: str, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = True, **kw):
+    """``Engine.load`` with the device, dtype and CUDA-graph settings of a command or a run."""
     from engine import Engine
 
-    return Engine.load(model, device=device, dtype=dtype, **kw)
+    return Engine.load(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs, **kw)
 
 
 def open_engine(args: argparse.Namespace, model: str | None = None, **kw):
     """The engine of ``args.model`` (or ``model``, e.g. a feedback model) on ``args``' device."""
-    return load_engine(model or args.model, args.device, args.dtype, **kw)
+    return load_engine(model or args.model, args.device, args.dtype, args.cuda_graphs, **kw)
 
 
 # ---------------------------------------------------------------- YAML and --set

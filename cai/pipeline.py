@@ -75,6 +75,8 @@ class RunConfig:
     """Where the model runs: auto, cpu, cuda or cuda:N (auto: a GPU when there is one)."""
     dtype: str = "auto"
     """Weight dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, float32 on the CPU)."""
+    cuda_graphs: bool = True
+    """On CUDA, replay each decode step as a captured CUDA graph; false decodes eagerly."""
     constitution: str = "default"
     """'default', our YAML, an open-recipe JSON, or a folder of the paper's files."""
     redteam_prompts: str = "redteam"
@@ -131,7 +133,7 @@ class Pipeline:
         self.resolved = yaml.safe_dump(json.loads(json.dumps(asdict(self.cfg))), sort_keys=False)
         if not overwrite:
             self._check_config()
-        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype)
+        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs)
         self.con = load_constitution(cfg.constitution)
         if overwrite:  # only once the model and constitution loaded, so a typo loses nothing
             self._clear()

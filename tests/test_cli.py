@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from cai import cli
 from cai.constitution import CONSTITUTIONS_DIR, load_constitution
@@ -37,7 +38,18 @@ def test_help_of_every_subcommand_prints(command, capsys):
 @pytest.mark.parametrize("command", MODEL_COMMANDS, ids=" ".join)
 def test_every_model_command_takes_device_and_dtype(command):
     flags = {s for a in COMMANDS[command]._actions for s in a.option_strings}
-    assert {"--model", "--device", "--dtype"} <= flags
+    assert {"--model", "--device", "--dtype", "--no-cuda-graphs"} <= flags
+
+
+def test_model_flags_reach_the_engine(tiny_model_dir):
+    from cai.config import open_engine
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["generate", "--model", str(tiny_model_dir("llama")), "--device", "cpu",
+                              "--dtype", "bfloat16", "--no-cuda-graphs"])
+    eng = open_engine(args)
+    assert (eng.device.type, eng.dtype, eng.cuda_graphs) == ("cpu", torch.bfloat16, False)
+    assert open_engine(parser.parse_args(["generate", "--model", str(tiny_model_dir("llama"))])).cuda_graphs
 
 
 def test_device_and_dtype_are_checked(capsys):
