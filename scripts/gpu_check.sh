@@ -18,6 +18,11 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET CAI_KERNELS  # scripts/test.sh interprets Triton; here it must compile
 
+# No GPU at all: say so before asking any Python (this machine's python3 may lack torch)
+if ! ls /dev/nvidia[0-9]* >/dev/null 2>&1 && ! { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; }; then
+  echo "gpu_check: no CUDA device is present (no /dev/nvidia*, no GPU listed by nvidia-smi); run it on a machine with a CUDA GPU" >&2
+  exit 1
+fi
 if ! "$PY" - <<'EOF'
 import sys
 try:

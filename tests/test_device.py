@@ -193,10 +193,14 @@ def test_static_cache_is_kept_while_big_enough(tiny_engine):
 
 # ---- scripts/gpu_check.sh -------------------------------------------------------------------
 
-def test_gpu_check_stops_without_cuda(tmp_path):
+@pytest.mark.parametrize("python", ["venv", "default"])
+def test_gpu_check_stops_without_cuda(tmp_path, python):
+    """With this suite's Python, or with whatever python3 the machine has (maybe no torch)."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: gpu_check would run for minutes")
-    env = {**os.environ, "PYTHON": str(Path(os.sys.executable))}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    if python == "venv":
+        env["PYTHON"] = str(Path(os.sys.executable))
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
