@@ -7,6 +7,7 @@ The YAML file (and --set) may set any field of the run and of each stage's secti
 (sl, sft, label, pm, ppo, dpo, eval); an unknown key is an error naming it. Run the same
 command again after an interruption and it resumes at the stage and record where it stopped;
 every setting is checked before the model loads, and --overwrite starts the folder over.
+--device, --dtype and --no-cuda-graphs are short for --set device=..., dtype=..., cuda_graphs=false.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set sl.rounds=4 (repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<preset or config name>)")
+    p.add_argument("--device", help="where the model runs: auto, cpu, cuda or cuda:N (same as --set device=...)")
+    p.add_argument("--dtype", help="weight dtype: auto, float32, bfloat16 or float16 (same as --set dtype=...)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="decode eagerly on CUDA (same as --set cuda_graphs=false)")
     p.add_argument("--overwrite", action="store_true",
                    help="start the run folder over: remove what an earlier run with other settings wrote there")
     p.set_defaults(func=run)
@@ -36,11 +41,17 @@ def run(args) -> int:
 
     if not args.config and not args.preset:
         raise InputError("give --preset NAME or --config FILE (see cai run --help)")
-    cfg, _ = load_run_config(args.config, args.preset, parse_set(args.set))
+    cfg, _ = load_run_config(args.config, args.preset, parse_set(set_items(args)))
     out = args.out or str(Path("runs") / (args.preset or Path(args.config).stem))
     result = Pipeline(cfg, out, overwrite=args.overwrite).run()
     print_summary(result, out)
     return 0
+
+
+def set_items(args) -> list[str]:
+    """``--set`` items, with --device / --dtype / --no-cuda-graphs as the last (winning) ones."""
+    items = list(args.set) + [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
+    return items + (["cuda_graphs=false"] if args.cuda_graphs is False else [])
 
 
 def print_summary(result: dict, out: str) -> None:

@@ -52,6 +52,19 @@ def test_model_flags_reach_the_engine(tiny_model_dir):
     assert open_engine(parser.parse_args(["generate", "--model", str(tiny_model_dir("llama"))])).cuda_graphs
 
 
+def test_run_takes_device_dtype_and_cuda_graphs_as_settings(capsys):
+    from cai.config import parse_set
+    from cai.pipeline import load_run_config
+    from cai.run_cmd import set_items
+
+    args = cli.build_parser().parse_args(["run", "--preset", "demo", "--set", "dtype=float16", "--device", "cpu",
+                                          "--dtype", "bfloat16", "--no-cuda-graphs"])
+    cfg, _ = load_run_config(None, "demo", parse_set(set_items(args)))
+    assert (cfg.device, cfg.dtype, cfg.cuda_graphs) == ("cpu", "bfloat16", False)
+    assert cli.main(["run", "--preset", "demo", "--device", "tpu", "--out", "unused"]) != 0
+    assert "--set device: must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_device_and_dtype_are_checked(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--device", "tpu"])
