@@ -42,8 +42,6 @@ from kernels.ppo import (kl_penalty_reference, ppo_policy_loss_reference,  # noq
                          ppo_value_loss_reference)
 from kernels.preference import (bt_loss_reference, dpo_loss_reference,  # noqa: E402
                                 option_probs_reference)
-# After `kernels`: the CPU test module sets TRITON_INTERPRET=1 when imported, and Triton
-# picks interpreter or compiler when the kernels are decorated.
 from test_kernels_ppo import CASES as PPO_LENGTHS  # noqa: E402
 
 TOLS = {  # (dtype, attention?) -> (atol, rtol); see the module docstring
@@ -63,8 +61,8 @@ REFERENCES = {
 
 @pytest.fixture(autouse=True)
 def _compiled_launch_configs(monkeypatch):
-    """The CPU kernel tests set TRITON_INTERPRET=1 when pytest imports them, and the
-    launchers pick interpreter tiles while it is set: on CUDA, test the GPU tiles."""
+    """The launchers pick interpreter tiles while TRITON_INTERPRET is set: on CUDA, make
+    sure the GPU tiles are what is tested."""
     if DEVICE == "cuda":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 

@@ -1,7 +1,5 @@
 """packed_attention and decode_attention against a float64 reference."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 import pytest
 import torch

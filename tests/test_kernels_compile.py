@@ -83,7 +83,6 @@ def test_float64_attention_is_refused_on_cuda_before_launch():
     dressed as CUDA would need a GPU, so the rule itself is tested."""
     import torch
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     from kernels import attention
 
     class _Cuda:  # the attributes `_check_launch_dtype` reads

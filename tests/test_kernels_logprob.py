@@ -1,8 +1,6 @@
 """logprob and linear_logprob: every implementation against a float64 reference."""
 import importlib
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 import pytest
 import torch

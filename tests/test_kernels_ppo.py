@@ -1,7 +1,5 @@
 """kl_penalty, ppo_policy_loss, ppo_value_loss against float64 references."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 import pytest
 import torch

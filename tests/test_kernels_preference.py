@@ -1,7 +1,5 @@
 """option_probs, sum_option_logprobs, bt_loss and dpo_loss against float64 references."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 import pytest
 import torch
