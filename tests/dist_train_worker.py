@@ -73,14 +73,19 @@ def run_dpo(model_dir, out: Path, grad_accum: int) -> dict:
     return train_dpo(with_sft(model_dir), read_pairs(PAIRS)[:6], cfg, "sft", out)
 
 
+PPO = dict(iterations=3, prompts_per_iteration=5, max_new_tokens=8, ppo_epochs=1, minibatch_size=2,
+           adaptive_kl=True, target_kl=0.6, kl_horizon=10, kl_coef=0.1, lr=3e-3)
+
+
 def ppo_setup(model_dir) -> tuple[Engine, RewardModel, PPOConfig, list, list]:
     """An SFT adapter, a real (untrained) preference model, and 5 prompts an iteration (a
-    world of 2 splits them 3 + 2); adaptive KL so the controller's input matters."""
+    world of 2 splits them 3 + 2). Adaptive KL, with a target near iteration 2's KL (about
+    0.67 nats; iteration 1's is 0, the policy starting as the SFT adapter) so that the
+    controller's step after it depends on the KL's value, not only on its sign."""
     eng = with_sft(model_dir)
     lora.add_adapter(eng.model, "reward", NO_DROPOUT, seed=2)
     rm = RewardModel(eng, new_head(eng.model, 4).eval().requires_grad_(False), "reward", False, 4096)
-    cfg = PPOConfig(iterations=2, prompts_per_iteration=5, max_new_tokens=8, ppo_epochs=1, minibatch_size=2,
-                    adaptive_kl=True, target_kl=0.01, kl_horizon=10, kl_coef=0.1, lr=3e-3)
+    cfg = PPOConfig(**PPO)
     red = [PromptRecord(f"p{i}", f"Tell me about bread {i}", None, "x", "train") for i in range(6)]
     helpful = [PromptRecord(f"h{i}", f"How do I bake bread {i}?", None, "cooking", "train") for i in range(4)]
     return eng, rm, cfg, red, helpful
