@@ -104,6 +104,21 @@ def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | Non
     return out
 
 
+def shared_reference(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int) -> torch.Tensor:
+    """``reference_logprobs`` of every pair, each rank computing its share (every
+    ``world``-th pair) and all of them gathered, so the one forward over the data is split
+    like the training steps rather than repeated on every rank."""
+    if not distributed.active():
+        return reference_logprobs(model, encoded, adapter, max_tokens)
+    mine = distributed.shard(list(range(len(encoded))))
+    part = reference_logprobs(model, [encoded[i] for i in mine], adapter, max_tokens).cpu().tolist()
+    out = torch.empty(len(encoded), 2)
+    for idx, rows in distributed.all_gather_objects((mine, part)):
+        if idx:
+            out[idx] = torch.tensor(rows)
+    return out.to(model.device)
+
+
 def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, sft_adapter: str | None = "sft",
               out: str | Path | None = None, *, progress: bool = False, resume: bool = True) -> dict:
     """Train the policy adapter with DPO; returns summary metrics.
@@ -119,7 +134,7 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
         raise InputError(f"the engine already has an adapter {cfg.adapter!r}; train DPO under another name")
     encoded = encode_pairs(engine, pairs, cfg.format)
     with profiling.phase("cai.dpo.reference"):
-        ref = reference_logprobs(model, encoded, sft_adapter, cfg.max_tokens_per_batch)
+        ref = shared_reference(model, encoded, sft_adapter, cfg.max_tokens_per_batch)
     all_pairs, names = list(range(len(pairs))), [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, all_pairs, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
