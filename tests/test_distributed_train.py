@@ -4,9 +4,9 @@ world-1 resume from a world-2 checkpoint.
 
 World 2 runs with per-rank grad_accum 1 and world 1 with grad_accum 2, so both take the same
 2 micro-batches per optimizer step. Tolerance: the two sum the same float32 gradients in
-another order (an all-reduce instead of accumulation in .grad), and AdamW's normalisation
-turns a rounding difference in a near-zero gradient into at most a few ulps of update, so
-trained tensors agree to 2e-5 absolute (they are O(1e-2)) and losses to 1e-5 relative.
+another order (an all-reduce instead of accumulation in .grad; PPO's whitening sums in
+float64 across ranks), so the trained tensors (entries up to ~0.4) are held to 2e-5
+absolute (measured: at most 1e-6) and the step metrics to 1e-5 relative.
 """
 import json
 import os
