@@ -9,9 +9,11 @@ CPU, NCCL on GPUs):
   - PPO iteration time: rollouts, scoring, reference log-probs and the update of the same
     iteration (a real, untrained preference model on the same base).
 
-``efficiency`` is the ratio of throughputs, many processes over one (for step times, the
-inverse ratio of times): on the CPU, > 1 means data parallelism uses the two cores better
-than torch's intra-op threads do; on N GPUs it is divided by N (1 = perfect scaling).
+``efficiency`` is the ratio of throughputs (for step times, the inverse ratio of times) of
+2 processes x 1 thread over 1 process x 2 threads: > 1 means data parallelism uses the two
+cores better than torch's intra-op threads do. ``scaling`` is 2 processes x 1 thread over
+twice 1 process x 1 thread (1 = perfect scaling; the single-thread layout is measured for
+it). On N GPUs both are N GPUs over N x one GPU.
 Prints a table, then one JSON line last. ``--tiny`` runs a seconds-long version on
 ``dummy:tiny`` (the test runs it).
 
@@ -144,7 +146,7 @@ def layouts(device: str) -> list[tuple[str, int, int]]:
     if device == "cuda":
         n = torch.cuda.device_count()
         return [("1 GPU", 1, 1)] + ([(f"{n} GPUs", n, 1)] if n > 1 else [])
-    return [("1 proc x 2 threads", 1, 2), ("2 procs x 1 thread", 2, 1)]
+    return [("1 proc x 1 thread", 1, 1), ("1 proc x 2 threads", 1, 2), ("2 procs x 1 thread", 2, 1)]
 
 
 def run_layout(args, procs: int, threads: int, out: Path) -> dict:
@@ -162,9 +164,8 @@ def run_layout(args, procs: int, threads: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def efficiency(one: dict, many: dict, procs: int, device: str) -> dict:
-    """Throughput ratios, many processes over one (per GPU on CUDA)."""
-    per = procs if device == "cuda" else 1
+def efficiency(one: dict, many: dict, per: int = 1) -> dict:
+    """Throughput ratios, ``many`` over ``one``, divided by ``per``."""
     return {"generate": many["generate_tok_s"] / one["generate_tok_s"] / per,
             "sft": one["sft_step_s"] / many["sft_step_s"] / per,
             "ppo": one["ppo_iteration_s"] / many["ppo_iteration_s"] / per}
@@ -183,14 +184,21 @@ def main(argv=None) -> dict:
     print(f"{'layout':<22}{'gen tok/s':>12}{'SFT step s':>12}{'PPO iter s':>12}")
     for name, r in results.items():
         print(f"{name:<22}{r['generate_tok_s']:>12.1f}{r['sft_step_s']:>12.4f}{r['ppo_iteration_s']:>12.4f}")
-    eff = efficiency(results[names[0]], results[names[-1]], results[names[-1]]["procs"], args.device) \
-        if len(names) > 1 else None
-    if eff:
-        print(f"{'efficiency':<22}{eff['generate']:>12.2f}{eff['sft']:>12.2f}{eff['ppo']:>12.2f}")
+    many = results[names[-1]]
+    if args.device == "cuda":  # N GPUs against N x one GPU
+        eff = efficiency(results[names[0]], many, many["procs"]) if len(names) > 1 else None
+        scaling = eff
+    else:  # the two ways to use 2 cores; and 2 processes against twice one single-threaded one
+        eff = efficiency(results["1 proc x 2 threads"], many)
+        scaling = efficiency(results["1 proc x 1 thread"], many, 2)
+    for label, row in (("efficiency", eff), ("per-core scaling", scaling if scaling is not eff else None)):
+        if row:
+            print(f"{label:<22}{row['generate']:>12.2f}{row['sft']:>12.2f}{row['ppo']:>12.2f}")
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     doc = {"bench": "scale", "model": args.model, "device": args.device, "prompts": args.prompts,
-           "new_tokens": args.new_tokens, "layouts": results, "efficiency": eff, "loadavg": [float(x) for x in load]}
+           "new_tokens": args.new_tokens, "layouts": results, "efficiency": eff,
+           "scaling": scaling, "loadavg": [float(x) for x in load]}
     print(json.dumps(doc))
     return doc
 
