@@ -104,9 +104,26 @@ def ppo_advantages(model_dir) -> list[list[float]]:
     return [merged[i] for i in range(len(chosen))]
 
 
-def run_ppo(model_dir, out: Path) -> list[dict]:
+def run_ppo(model_dir, out: Path, iterations: int | None = None) -> list[dict]:
     eng, rm, cfg, red, helpful = ppo_setup(model_dir)
+    cfg.iterations = iterations or cfg.iterations
     return train_ppo(eng, rm, red, cfg, "sft", out, helpful_prompts=helpful)
+
+
+def nan_on_one_rank() -> str:
+    """The last rank's loss is NaN: every rank must raise at the step (none waits forever
+    in the all-reduce, none steps); returns what this rank raised."""
+    from engine.train import NonFiniteLossError, Trainer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    trainer = Trainer([p], OptimConfig(lr=0.1, warmup_steps=0))
+    last = distributed.rank() == distributed.world() - 1
+    trainer.backward((p * (float("nan") if last else 1.0)).sum())
+    try:
+        trainer.apply()
+    except NonFiniteLossError as exc:
+        return f"{exc.step}: {exc} | weights {p.tolist()}"
+    return "no error"
 
 
 def main(model_dir: str, out: str) -> None:
@@ -119,8 +136,11 @@ def main(model_dir: str, out: str) -> None:
     run_dpo(model_dir, out / "dpo", 1)
     adv = ppo_advantages(model_dir)
     run_ppo(model_dir, out / "ppo")
+    run_ppo(model_dir, out / "ppo_resume", iterations=2)
+    raised = distributed.all_gather_objects(nan_on_one_rank())
     if distributed.is_main():
         (out / "advantages.json").write_text(json.dumps(adv))
+        (out / "nan.json").write_text(json.dumps(raised))
     distributed.barrier()
 
 

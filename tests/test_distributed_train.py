@@ -124,3 +124,22 @@ def test_world1_resumes_a_world2_checkpoint_on_the_same_schedule(model, world2, 
     assert len(resumed) == 8 and [r["lr"] for r in resumed] == [r["lr"] for r in whole]
     assert_same_steps(resumed, whole, ("loss", "grad_norm", "target_tokens"))
     assert_same_tensors(tmp_path / "resume" / "adapter", world1 / "sft" / "adapter")
+
+
+def test_world1_resumes_a_world2_ppo_checkpoint(model, world2, world1, tmp_path):
+    shutil.copytree(world2 / "ppo_resume", tmp_path / "ppo")
+    w.run_ppo(model, tmp_path / "ppo")  # iterations 1-2 on world 2, iteration 3 here
+    if not (world1 / "ppo" / "metrics.jsonl").exists():
+        w.run_ppo(model, world1 / "ppo")
+    whole, resumed = metrics(world1 / "ppo"), metrics(tmp_path / "ppo")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3]
+    for k in ("kl", "kl_coef", "reward_mean", "loss"):
+        assert resumed[2][k] == pytest.approx(whole[2][k], rel=1e-4, abs=1e-6), k
+    assert_same_tensors(tmp_path / "ppo" / "policy", world1 / "ppo" / "policy")
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update(world2):
+    raised = json.loads((world2 / "nan.json").read_text())
+    assert len(raised) == 2
+    for r in raised:  # both ranks raised at step 1, on the other rank's NaN too, weights untouched
+        assert r.startswith("1: step 1: the loss (on 1 rank(s)) is ") and r.endswith("weights [1.0, 1.0, 1.0]"), r
