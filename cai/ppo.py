@@ -328,7 +328,8 @@ class PPOTrainer:
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 stop=list(self.stops), seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
         with lora.use_adapter(self.model, "policy"), torch.inference_mode(), profiling.phase("cai.ppo.rollout"):
-            outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots, keys=keys)
+            keyed = {"keys": keys} if keys is not None else {}  # engines without keys= still serve one process
+            outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots, **keyed)
         return Samples(ids, [o.samples[0].token_ids for o in outs], [o.samples[0].logprobs for o in outs])
 
     def _response_text(self, tokens: list[int]) -> str:
@@ -435,7 +436,7 @@ class PPOTrainer:
         chosen, n_help = self.prompts_for(prompts, helpful, self.iteration)
         mine = distributed.shard(list(range(len(chosen))))  # this rank's positions among them
         local = [chosen[i] for i in mine]
-        samples = self.rollout(local, self.iteration, keys=mine)
+        samples = self.rollout(local, self.iteration, keys=mine if distributed.active() else None)
         t1 = time.perf_counter()
         ro = self.experience(local, samples, mine)
         seqs = _gather_sequences(ro)
