@@ -33,6 +33,7 @@ CONVS = [
     [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": "Only with care and a helmet."}],
     [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}],
 ]
+FULL = dict(full=True, epochs=1)  # full fine-tuning, replicated: every weight all-reduced
 PAIR_BUDGET = 190  # tokens: the longest pair fits, no two pairs do
 NO_DROPOUT = LoraConfig(rank=4, alpha=8, dropout=0.0)  # dropout masks would differ by rank
 
@@ -132,6 +133,7 @@ def main(model_dir: str, out: str) -> None:
     out = Path(out)
     run_sft(model_dir, out / "sft", 1)
     run_sft(model_dir, out / "resume", 1, max_steps=2)
+    run_sft(model_dir, out / "sft_full", 1, **FULL)
     run_pm(model_dir, out / "pm", 1)
     run_dpo(model_dir, out / "dpo", 1)
     adv = ppo_advantages(model_dir)

@@ -1,6 +1,7 @@
 """Data-parallel training on two CPU processes (gloo, under torchrun) against one process on
-the same global batch: SFT, PM and DPO steps, a PPO iteration's whitening and KL, and a
-world-1 resume from a world-2 checkpoint.
+the same global batch: SFT (LoRA, and full fine-tuning replicated), PM and DPO steps, a PPO
+iteration's whitening and KL, world-1 resumes from world-2 checkpoints (SFT and PPO), and a
+non-finite loss on one rank stopping every rank.
 
 World 2 runs with per-rank grad_accum 1 and world 1 with grad_accum 2, so both take the same
 2 micro-batches per optimizer step. Tolerance: the two sum the same float32 gradients in
@@ -75,6 +76,7 @@ def assert_same_steps(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> No
 
 STAGES = {  # stage: (run on world 1, export folder, steps, metrics compared)
     "sft": (lambda m, o: w.run_sft(m, o, 2), "adapter", 8, ("loss", "lr", "grad_norm", "target_tokens", "tokens")),
+    "sft_full": (lambda m, o: w.run_sft(m, o, 2, **w.FULL), "merged", 4, ("loss", "lr", "grad_norm")),
     "pm": (lambda m, o: w.run_pm(m, o, 2), "reward", 3, ("loss", "accuracy", "margin", "reward_chosen", "grad_norm")),
     "dpo": (lambda m, o: w.run_dpo(m, o, 2), "policy", 3, ("loss", "accuracy", "margin", "logp_chosen", "grad_norm")),
 }
