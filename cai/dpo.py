@@ -20,7 +20,6 @@ implicit rewards are not noised by dropout masks.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -30,8 +29,8 @@ import torch
 import kernels
 from cai.outputs import atomic_folder
 from cai.pairs import EncodedPair, PreferencePair, as_pairs, encode_pairs, group_weights, pair_batches, pair_labels
-from cai.training import LoopSettings, summary, train_loop
-from engine import lora, profiling
+from cai.training import LoopSettings, my_share, reduce_sums, steps_per_epoch, summary, train_loop
+from engine import distributed, lora, profiling
 from engine.batch import PackedBatch
 from engine.errors import InputError
 from engine.lora import LoraConfig
@@ -105,6 +104,21 @@ def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | Non
     return out
 
 
+def shared_reference(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int) -> torch.Tensor:
+    """``reference_logprobs`` of every pair, each rank computing its share (every
+    ``world``-th pair) and all of them gathered, so the one forward over the data is split
+    like the training steps rather than repeated on every rank."""
+    if not distributed.active():
+        return reference_logprobs(model, encoded, adapter, max_tokens)
+    mine = distributed.shard(list(range(len(encoded))))
+    part = reference_logprobs(model, [encoded[i] for i in mine], adapter, max_tokens).cpu().tolist()
+    out = torch.empty(len(encoded), 2)
+    for idx, rows in distributed.all_gather_objects((mine, part)):
+        if idx:
+            out[idx] = torch.tensor(rows)
+    return out.to(model.device)
+
+
 def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, sft_adapter: str | None = "sft",
               out: str | Path | None = None, *, progress: bool = False, resume: bool = True) -> dict:
     """Train the policy adapter with DPO; returns summary metrics.
@@ -120,12 +134,12 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
         raise InputError(f"the engine already has an adapter {cfg.adapter!r}; train DPO under another name")
     encoded = encode_pairs(engine, pairs, cfg.format)
     with profiling.phase("cai.dpo.reference"):
-        ref = reference_logprobs(model, encoded, sft_adapter, cfg.max_tokens_per_batch)
+        ref = shared_reference(model, encoded, sft_adapter, cfg.max_tokens_per_batch)
     all_pairs, names = list(range(len(pairs))), [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, all_pairs, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
         max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
-    steps = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum) * cfg.epochs
+    steps = steps_per_epoch(len(epoch_batches(0)), cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     ad = (lora.copy_adapter(model, sft_adapter, cfg.adapter) if sft_adapter is not None
           else lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed))
@@ -140,8 +154,9 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
                              out, progress, resume)
     finally:
         ad.eval().requires_grad_(False)
-    if out is not None:
+    if out is not None and distributed.is_main():
         _export(engine, cfg, out)
+    distributed.barrier()  # the exports are whole before any rank reads them
     return {**summary(log, trainer.step), "pairs": len(pairs)}
 
 
@@ -158,7 +173,7 @@ def _step_fn(model, trainer: Trainer, pairs: list[PreferencePair], ref: torch.Te
 
     def step(group: list[PackedBatch]) -> dict:
         sums = dict.fromkeys(keys, 0.0)
-        for b, w in zip(group, group_weights(group)):
+        for b, w in my_share(list(zip(group, group_weights(group)))):  # weights over the whole group
             with profiling.phase("engine.train.forward"):
                 lp = sequence_logprobs(model, b)  # [2P]: chosen, rejected, chosen, ...
             r = ref[b.index[0::2]]  # [P, 2]
@@ -170,7 +185,7 @@ def _step_fn(model, trainer: Trainer, pairs: list[PreferencePair], ref: torch.Te
                                        out.rejected_reward.mean(), lp[0::2].mean(), lp[1::2].mean())):
                 sums[k] += float(v) * w
         stats = trainer.apply()
-        return {"step": trainer.step, **sums, **stats}
+        return {"step": trainer.step, **reduce_sums(sums), **stats}
     return step
 
 

@@ -18,7 +18,6 @@ The exported folder ``out/reward/`` (the adapter, ``reward_head.safetensors`` an
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +29,9 @@ import kernels
 from cai.pairs import (EncodedPair, PreferencePair, as_pairs, encode_pairs, encode_response, group_weights,
                        pair_batches, pair_labels, prompt_messages, split_heldout)
 from cai.outputs import atomic_folder
-from cai.training import LoopSettings, summary, train_loop
+from cai.training import LoopSettings, my_share, reduce_sums, steps_per_epoch, summary, train_loop
 from cai.sft import use_chat
-from engine import lora, profiling
+from engine import distributed, lora, profiling
 from engine.batch import PackedBatch, group_by_tokens, pack
 from engine.errors import InputError
 from engine.lora import LoraConfig
@@ -167,7 +166,7 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, train_idx, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
         max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
-    steps = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum) * cfg.epochs
+    steps = steps_per_epoch(len(epoch_batches(0)), cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     head, ad = new_head(model, cfg.seed), lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed)
     params = {**{f"adapter.{k}": p for k, p in ad.named_parameters()},
@@ -186,16 +185,17 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
             p.requires_grad_(False)
     rm = RewardModel(engine, head, cfg.adapter, use_chat(engine, cfg.format), cfg.max_tokens_per_batch)
     report = evaluate(rm, [encoded[i] for i in held_idx], [pairs[i].p_chosen for i in held_idx], cfg.calibration_bins)
-    if out is not None:
+    if out is not None and distributed.is_main():
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         save_reward_model(rm, out / "reward", {"heldout": {k: v for k, v in report.items() if k != "reliability"}})
+    distributed.barrier()  # the export is whole before any rank reads it
     return {**summary(log, trainer.step), "train_pairs": len(train_idx), "heldout": report}
 
 
 def _step_fn(model, head: ScalarHead, trainer: Trainer, pairs: list[PreferencePair], soft: bool):
     def step(group: list[PackedBatch]) -> dict:
         sums = dict.fromkeys(("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"), 0.0)
-        for b, w in zip(group, group_weights(group)):
+        for b, w in my_share(list(zip(group, group_weights(group)))):  # weights over the whole group
             with profiling.phase("engine.train.forward"):
                 r = rewards(model, head, b)
             out = kernels.bt_loss(r[0::2], r[1::2], pair_labels(pairs, b) if soft else None)
@@ -205,7 +205,7 @@ def _step_fn(model, head: ScalarHead, trainer: Trainer, pairs: list[PreferencePa
                          ("reward_chosen", r[0::2].mean()), ("reward_rejected", r[1::2].mean())):
                 sums[k] += float(v) * w
         stats = trainer.apply()
-        return {"step": trainer.step, **sums, **stats}
+        return {"step": trainer.step, **reduce_sums(sums), **stats}
     return step
 
 

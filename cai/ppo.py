@@ -27,6 +27,15 @@ in one packed forward rather than taken from the sampler, so the importance rati
 exactly 1 whatever the sampler's numerics (their largest gap to the sampler's log-probs is
 reported each iteration as ``sampler_lp_gap``); responses end at stop strings as well as at
 EOS (TRL ends them at one stop token).
+
+Data parallel (under ``torchrun``): each rank rolls out, scores and takes reference and
+old-policy log-probs for its share of the iteration's prompts (every ``world``-th; every
+draw keyed by the prompt's position in the iteration, so the samples do not depend on the
+world size). Advantages are whitened with the mean and variance of every rank's tokens
+(all-reduced sums), the KL controller moves on the KL over every rank's sequences, and each
+minibatch of the update is the same global set of sequences as on one process, each rank
+running the ones it holds with its loss weighted by its share of the minibatch's tokens;
+``engine.train.Trainer`` sums the gradients. Rank 0 writes metrics and checkpoints.
 """
 from __future__ import annotations
 
@@ -46,8 +55,8 @@ import kernels
 from cai import prompting
 from cai.outputs import atomic_folder, remove_partial
 from cai.prompts import PromptRecord, select_prompts
-from cai.training import truncate_metrics
-from engine import Engine, SamplingParams, profiling
+from cai.training import distributed_device, reduce_sums, truncate_metrics
+from engine import Engine, SamplingParams, distributed, profiling
 from engine import lora
 from engine.batch import PackedBatch, pack
 from engine.errors import InputError
@@ -158,6 +167,7 @@ class Rollout(NamedTuple):
     scores      [B] preference-model scores of the responses (clipped)
     truncated   [B] bool: the response hit the length limit before EOS or a stop string
     penalty     [B] the missing-EOS penalty added to each score (0 where it ended)
+    ids         [B] each sequence's position among the iteration's prompts (over all ranks)
     """
 
     batch: PackedBatch
@@ -173,6 +183,7 @@ class Rollout(NamedTuple):
     scores: torch.Tensor
     truncated: torch.Tensor
     penalty: torch.Tensor
+    ids: list[int]
 
 
 def response_end(tokens: list[int], eos: set[int], stops: list[str],
@@ -211,7 +222,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, seq_of: torch.Tensor, num_s
 
 
 def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return (x - x.mean()) / (x.std(unbiased=False) + eps) if x.numel() > 1 else x - x.mean()
+    """Zero mean, unit (population) variance; distributed, over every rank's ``x`` together."""
+    if not distributed.active():
+        return (x - x.mean()) / (x.std(unbiased=False) + eps) if x.numel() > 1 else x - x.mean()
+    dev = distributed_device()
+    n, total = distributed.all_reduce_sum(torch.tensor([float(x.numel()), float(x.sum())],
+                                                       dtype=torch.float64, device=dev)).tolist()
+    mean = total / max(n, 1.0)
+    sq = distributed.all_reduce_sum(((x.double() - mean) ** 2).sum().reshape(1).to(dev)).item()
+    if n <= 1:
+        return x - mean
+    return (x - mean) / ((sq / n) ** 0.5 + eps)
 
 
 class KLController:
@@ -224,6 +245,10 @@ class KLController:
         if self.cfg.adaptive_kl:
             error = max(-0.2, min(0.2, kl_per_seq / self.cfg.target_kl - 1))
             self.value *= 1 + error * n_seqs / self.cfg.kl_horizon
+
+
+_STEP_SUMS = ("loss", "policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac", "entropy")
+"""Step metrics that are token means, summed over ranks from each rank's weighted part."""
 
 
 class PPOTrainer:
@@ -293,7 +318,9 @@ class PPOTrainer:
         return red + _cycle(helpful or [], done, n_help, f"{self.cfg.seed}:helpful", "helpfulness"), n_help
 
     # ---- rollout ------------------------------------------------------------------------
-    def rollout(self, prompts: list[PromptRecord], iteration: int) -> Samples:
+    def rollout(self, prompts: list[PromptRecord], iteration: int, keys: list[int] | None = None) -> Samples:
+        """``keys``: each prompt's position among the iteration's prompts (default: its own
+        position), which keys its draws."""
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in prompts]
         tok = self.eng.tokenizer
         ids = [tok(prompting.render(prompting.initial_prompt(c, self.style), tok), add_special_tokens=False)["input_ids"]
@@ -301,7 +328,8 @@ class PPOTrainer:
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 stop=list(self.stops), seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
         with lora.use_adapter(self.model, "policy"), torch.inference_mode(), profiling.phase("cai.ppo.rollout"):
-            outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots)
+            keyed = {"keys": keys} if keys is not None else {}  # engines without keys= still serve one process
+            outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots, **keyed)
         return Samples(ids, [o.samples[0].token_ids for o in outs], [o.samples[0].logprobs for o in outs])
 
     def _response_text(self, tokens: list[int]) -> str:
@@ -311,8 +339,9 @@ class PPOTrainer:
         return prompting.clean_response(text[: min(cut)] if cut else text)[0]
 
     @torch.inference_mode()
-    def experience(self, prompts: list[PromptRecord], samples: Samples) -> Rollout:
-        """Ends, scores, reference and old log-probs, values, rewards and advantages."""
+    def experience(self, prompts: list[PromptRecord], samples: Samples, ids: list[int] | None = None) -> Rollout:
+        """Ends, scores, reference and old log-probs, values, rewards and advantages (whitened
+        over every rank's tokens). ``ids``: the prompts' positions in the iteration."""
         ends = [response_end(r, self.eos, self.stops, self.eng.tokenizer.decode) for r in samples.responses]
         kept = [n for n, _ in ends]
         seqs = [p + r for p, r in zip(samples.prompt_ids, samples.responses)]
@@ -345,26 +374,41 @@ class PPOTrainer:
         if self.cfg.whiten_advantages:
             adv = whiten(adv)
         return Rollout(batch, seqs, masks, old_lp, sampler_lp, ref_lp, values, adv, ret, seq_of, scores,
-                       truncated, penalty)
+                       truncated, penalty, list(ids) if ids is not None else list(range(len(seqs))))
 
     # ---- update -------------------------------------------------------------------------
-    def update(self, ro: Rollout) -> dict:
-        """``ppo_epochs`` passes of clipped policy + value loss over packed minibatches."""
+    def update(self, ro: Rollout, lengths: dict[int, int] | None = None) -> dict:
+        """``ppo_epochs`` passes of clipped policy + value loss over packed minibatches.
+        ``lengths``: kept tokens of every sequence of the iteration by position, over all
+        ranks (default: this rank's, all there is on one process); a minibatch is a set of
+        positions, and each rank runs those it holds."""
+        if lengths is None:
+            lengths = dict(zip(ro.ids, torch.bincount(ro.seq_of, minlength=len(ro.seqs)).tolist()))
+        where = {gi: j for j, gi in enumerate(ro.ids)}
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}:mb:{self.iteration}".encode()))
         sums: dict[str, float] = {}
         steps = 0
         # The adapter stays in eval mode: LoRA dropout would make the first ratio differ
         # from 1 and add noise PPO's clipping then fights (RLHF recipes turn it off too).
         for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(len(ro.seqs), generator=g, device="cpu").tolist()  # a host-side order
+            order = torch.randperm(len(lengths), generator=g, device="cpu").tolist()  # a host-side order
             for k in range(0, len(order), self.cfg.minibatch_size):
                 chosen = sorted(order[k : k + self.cfg.minibatch_size])
-                for name, v in self._minibatch_step(ro, chosen).items():
+                mine = [where[i] for i in chosen if i in where]
+                tokens = sum(lengths[i] for i in chosen)
+                for name, v in self._minibatch_step(ro, mine, tokens).items():
                     sums[name] = sums.get(name, 0.0) + v
                 steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
-    def _minibatch_step(self, ro: Rollout, chosen: list[int]) -> dict:
+    def _minibatch_step(self, ro: Rollout, chosen: list[int], tokens: int | None = None) -> dict:
+        """One optimizer step on this rank's sequences ``chosen`` (indices into ``ro``) of a
+        minibatch of ``tokens`` kept tokens over all ranks (default: these alone): the token
+        means are weighted by this rank's share, so the summed gradient and metrics are the
+        whole minibatch's."""
+        if not chosen:  # a rank holding none of the minibatch still joins the all-reduces
+            stats = self.trainer.apply()
+            return {**reduce_sums(dict.fromkeys(_STEP_SUMS, 0.0)), "grad_norm": stats["grad_norm"]}
         sel = torch.isin(ro.seq_of, torch.tensor(chosen, device=self.model.device))
         batch = pack([ro.seqs[i] for i in chosen], [ro.masks[i] for i in chosen], device=self.model.device)
         with lora.use_adapter(self.model, "policy"), profiling.phase("cai.ppo.train"):
@@ -376,12 +420,13 @@ class PPOTrainer:
         ones = torch.ones_like(lp)
         pol = kernels.ppo_policy_loss(lp, ro.old_lp[sel], ro.advantages[sel], ones, clip_eps=self.cfg.clip_eps)
         val = kernels.ppo_value_loss(values, ro.values[sel], ro.returns[sel], ones, clip_eps=self.cfg.value_clip_eps)
+        share = len(lp) / tokens if tokens else 1.0  # this rank's part of the minibatch's token mean
         loss = pol.loss + self.cfg.vf_coef * val.loss - self.cfg.entropy_coef * ent.mean()
-        value = self.trainer.backward(loss)
+        value = self.trainer.backward(loss * share)
         stats = self.trainer.apply()
-        return {"loss": value, "policy_loss": pol.loss.item(), "value_loss": val.loss.item(),
-                "clip_frac": float(pol.clip_frac), "approx_kl": float(pol.approx_kl),
-                "value_clip_frac": float(val.clip_frac), "entropy": ent.detach().mean().item(), "grad_norm": stats["grad_norm"]}
+        parts = (value, pol.loss.item() * share, val.loss.item() * share, float(pol.clip_frac) * share,
+                 float(pol.approx_kl) * share, float(val.clip_frac) * share, ent.detach().mean().item() * share)
+        return {**reduce_sums(dict(zip(_STEP_SUMS, parts))), "grad_norm": stats["grad_norm"]}
 
     # ---- iterations, checkpoints ----------------------------------------------------------
     def iterate(self, prompts: list[PromptRecord], helpful: list[PromptRecord] | None = None) -> dict:
@@ -389,28 +434,31 @@ class PPOTrainer:
         (None: the built-in benign train split); returns its metrics."""
         t0 = time.perf_counter()
         chosen, n_help = self.prompts_for(prompts, helpful, self.iteration)
-        samples = self.rollout(chosen, self.iteration)
+        mine = distributed.shard(list(range(len(chosen))))  # this rank's positions among them
+        local = [chosen[i] for i in mine]
+        samples = self.rollout(local, self.iteration, keys=mine if distributed.active() else None)
         t1 = time.perf_counter()
-        ro = self.experience(chosen, samples)
+        ro = self.experience(local, samples, mine)
+        seqs = _gather_sequences(ro)
         t2 = time.perf_counter()
-        train = self.update(ro)
+        train = self.update(ro, {i: s["kept"] for i, s in seqs.items()})
         t3 = time.perf_counter()
-        n = len(ro.seqs)
-        diff = ro.old_lp - ro.ref_lp
-        kl_seq = diff.new_zeros(n).index_add(0, ro.seq_of.to(diff.device), diff)
+        n = len(seqs)
+        kl = sum(s["kl"] for s in seqs.values()) / n  # the global KL per sequence
         beta = self.kl.value
-        self.kl.update(float(kl_seq.mean()), n)
+        self.kl.update(kl, n)
         self.iteration += 1
-        n_tokens = sum(len(s) for s in ro.seqs)
-        scores = ro.scores.cpu()
+        n_tokens = sum(s["tokens"] for s in seqs.values())
+        scores = torch.tensor([seqs[i]["score"] for i in range(n)])
         by_kind = {"reward_redteam": scores[: n - n_help], "reward_helpful": scores[n - n_help :]}
+        kept = sum(s["kept"] for s in seqs.values())
         return {"iteration": self.iteration, "reward_mean": float(scores.mean()),
                 "reward_std": float(scores.std(unbiased=False)),
                 **{k: float(v.mean()) if v.numel() else None for k, v in by_kind.items()},
-                "helpful_prompts": n_help, "kl": float(kl_seq.mean()), "kl_coef": beta,
-                "response_len": len(ro.seq_of) / n, "truncated": int(ro.truncated.sum()),
-                "eos_penalty": float(ro.penalty.sum()),
-                "sampler_lp_gap": float((ro.old_lp - ro.sampler_lp).abs().max()) if len(ro.seq_of) else 0.0,
+                "helpful_prompts": n_help, "kl": kl, "kl_coef": beta,
+                "response_len": kept / n, "truncated": sum(s["truncated"] for s in seqs.values()),
+                "eos_penalty": sum(s["penalty"] for s in seqs.values()),
+                "sampler_lp_gap": max((s["gap"] for s in seqs.values()), default=0.0),
                 **train,
                 "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2, "iteration_s": t3 - t0,
                 "tokens_per_s": n_tokens * (1 + self.cfg.ppo_epochs) / (t3 - t0),
@@ -451,15 +499,19 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
     ppo = PPOTrainer(engine, reward_model, cfg, sft_adapter)
     out = Path(out) if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None else None
+    main = distributed.is_main()
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_partial(out)  # what a run killed mid-write left behind
-        if ppo.resume(out / "checkpoints"):
-            _truncate(metrics_path, ppo.iteration)
-        elif metrics_path.exists():
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_partial(out)  # what a run killed mid-write left behind
+        distributed.barrier()
+        if ppo.resume(out / "checkpoints"):  # every rank loads rank 0's checkpoint
+            if main:
+                _truncate(metrics_path, ppo.iteration)
+        elif main and metrics_path.exists():
             metrics_path.unlink()
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=ppo.iteration, desc="ppo", unit="iter")
@@ -468,7 +520,7 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
         while ppo.iteration < cfg.iterations:
             rec = ppo.iterate(prompts, helpful_prompts)
             log.append(rec)
-            if metrics_path is not None:
+            if metrics_path is not None and main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if ppo.iteration % cfg.checkpoint_every == 0 or ppo.iteration == cfg.iterations:
@@ -481,9 +533,25 @@ def train_ppo(engine: Engine, reward_model, prompts: list[PromptRecord], cfg: PP
             bar.close()
         for p in ppo.params.values():
             p.requires_grad_(False)
-    if out is not None:
+    if out is not None and main:
         ppo.export(out)
+    distributed.barrier()  # the checkpoints and exports are whole before any rank goes on
     return log
+
+
+def _gather_sequences(ro: Rollout) -> dict[int, dict]:
+    """What the iteration's metrics, KL and minibatches need of every sequence, from every
+    rank, by position: kept tokens, KL (sum over its tokens, old policy vs reference), score,
+    penalty, truncation, total tokens, and the largest sampler log-prob gap."""
+    diff = ro.old_lp - ro.ref_lp
+    kl = diff.new_zeros(len(ro.seqs)).index_add(0, ro.seq_of.to(diff.device), diff).tolist()
+    gap = (ro.old_lp - ro.sampler_lp).abs()
+    kept = torch.bincount(ro.seq_of, minlength=len(ro.seqs)).tolist()
+    gaps = gap.new_zeros(len(ro.seqs)).scatter_reduce_(0, ro.seq_of.to(gap.device), gap, "amax").tolist()
+    mine = {gi: {"kept": kept[j], "kl": kl[j], "score": float(ro.scores[j]), "penalty": float(ro.penalty[j]),
+                 "truncated": int(ro.truncated[j]), "tokens": len(ro.seqs[j]), "gap": gaps[j]}
+            for j, gi in enumerate(ro.ids)}
+    return {gi: rec for part in distributed.all_gather_objects(mine) for gi, rec in part.items()}
 
 
 def _truncate(path: Path, iteration: int) -> None:

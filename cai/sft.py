@@ -17,7 +17,6 @@ a revision, so it is left out and counted (``unrevised_skipped`` in the summary)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +24,8 @@ from typing import Sequence
 
 from cai.outputs import atomic_folder, sha256_of
 from cai.records import iter_jsonl
-from cai.training import LoopSettings, summary, train_loop
-from engine import lora, profiling
+from cai.training import LoopSettings, my_share, reduce_sums, steps_per_epoch, summary, train_loop
+from engine import distributed, lora, profiling
 from engine.batch import batches_by_tokens
 from engine.errors import InputError
 from engine.lora import LoraConfig
@@ -248,8 +247,8 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
     epoch_batches = lambda e: batches_by_tokens(  # noqa: E731
         data, cfg.max_tokens_per_batch, cfg.shuffle, cfg.seed + e, max_seqlen=model.cfg.max_position_embeddings, names=names,
         device=model.device)
-    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum)
-    optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps_per_epoch * cfg.epochs)
+    per_epoch = steps_per_epoch(len(epoch_batches(0)), cfg.optim.grad_accum)
+    optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or per_epoch * cfg.epochs)
     previous = lora.active_adapter(model)
     params = _trainable(engine, cfg)
     trainer = Trainer(params.values(), optim)
@@ -257,8 +256,9 @@ def train_sft(engine, examples: Sequence[Conversation | list[dict]], cfg: SFTCon
                        postfix=("loss", "lr"), pinned=pinned_settings(engine, convs, cfg))
     try:
         log = train_loop(run, trainer, params, epoch_batches, _step_fn(model, trainer), out, progress, resume)
-        if out is not None:
+        if out is not None and distributed.is_main():
             _export(engine, cfg, out)
+        distributed.barrier()  # the exports are whole before any rank reads them
         return {**summary(log, trainer.step), "examples": len(convs), "unrevised_skipped": unrevised}
     finally:
         _restore(engine, cfg, previous)
@@ -305,14 +305,16 @@ def _restore(engine, cfg: SFTConfig, previous: str | None) -> None:
 
 def _step_fn(model, trainer: Trainer):
     def step(group) -> dict:
-        """One optimizer step: token-mean loss over all the group's target tokens."""
+        """One optimizer step: token-mean loss over all the group's target tokens (this
+        rank runs its share of the group; the denominator counts the whole group's)."""
         denom = max(1, sum(b.num_targets for b in group))
         loss = 0.0
-        for b in group:
+        for b in my_share(group):
             with profiling.phase("engine.train.forward"):
                 lp = token_logprobs(model, b)
             loss += trainer.backward(-lp.sum() / denom)
         stats = trainer.apply()
+        loss = reduce_sums({"loss": loss})["loss"]
         return {"step": trainer.step, "loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                 "target_tokens": denom}
 

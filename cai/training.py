@@ -10,10 +10,22 @@ non-finite (no checkpoint with non-finite weights is ever written, so that one i
 A stage pins what determines its result (``LoopSettings.pinned``: data hash, epochs,
 learning rate, ...) in every checkpoint; resuming with other values is refused, naming the
 fields, rather than continuing one run with another's settings.
+
+Data parallel (under ``torchrun``, see ``engine.distributed``): an optimizer step takes
+``grad_accum x world`` micro-batches of the epoch's batch list (which every rank builds the
+same), and each rank runs every ``world``-th of them (``my_share``); a stage's step function
+normalises its losses by the counts of the whole group, so a step equals one process's step
+with ``grad_accum x world`` micro-batches of accumulation, the learning-rate schedule
+included. Rank 0 alone writes metrics, checkpoints and the progress bar; every rank loads the
+checkpoint on resume. What is pinned is the global batch (``grad_accum x world``), not
+``grad_accum`` itself, so a run resumes on any world size that keeps the global batch (e.g.
+world 2 with grad_accum 1, then world 1 with grad_accum 2) and is refused on one that does
+not.
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +36,7 @@ import torch
 
 from cai.outputs import remove_partial
 from cai.records import iter_jsonl
-from engine import profiling
+from engine import distributed, profiling
 from engine.batch import PackedBatch
 from engine.errors import InputError
 from engine.train import NonFiniteLossError, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -57,17 +69,20 @@ def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches:
     ``step(group)`` returns the step's metrics (at least ``step`` and ``loss``). Returns this
     call's step records.
     """
-    if out is not None:
+    main, ga = distributed.is_main(), global_accum(trainer.cfg.grad_accum)
+    pinned = global_pinned(run.pinned, ga)
+    if out is not None and main:
         remove_partial(out)  # what a run killed mid-write left behind
-    start = resume_from(out, params, trainer, run.pinned) if resume and out is not None else None
+    distributed.barrier()
+    start = resume_from(out, params, trainer, pinned) if resume and out is not None else None
     if start is None:  # fresh: seeded dropout masks; a resumed run restored the RNG state instead
         torch.manual_seed(run.seed)
         start = {"epoch": 0, "next_batch": 0}
-        if out is not None:
+        if out is not None and main:
             truncate_metrics(out / "metrics.jsonl", 0)
-    ga, last = trainer.cfg.grad_accum, run.max_steps or trainer.cfg.total_steps
-    ckpt_dir = out / "checkpoints" if out is not None else None
-    bar, log = _bar(progress, run.stage, last, trainer.step), []
+    last = run.max_steps or trainer.cfg.total_steps
+    ckpt_dir = out / "checkpoints" if out is not None and main else None
+    bar, log = _bar(progress and main, run.stage, last, trainer.step), []
     try:
         for epoch in range(start["epoch"], run.epochs):
             batches = epoch_batches(epoch)
@@ -77,19 +92,67 @@ def train_loop(run: LoopSettings, trainer: Trainer, params: dict, epoch_batches:
                     break
                 rec = _timed_step(run.stage, step, batches[bi:bi + ga], epoch, ckpt_dir)
                 log.append(rec)
-                write_metrics(out, rec)
+                if main:
+                    write_metrics(out, rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{rec[k]:.4g}" for k in run.postfix if k in rec})
                 nxt = {"epoch": epoch, "next_batch": bi + ga} if bi + ga < len(batches) else {"epoch": epoch + 1, "next_batch": 0}
                 if ckpt_dir is not None and (trainer.step % run.checkpoint_every == 0 or trainer.step >= last):
                     save_checkpoint(ckpt_dir, trainer.step, {"params": params, "optimizer": trainer.optimizer,
-                                                             "meta": {**nxt, "pinned": run.pinned}},
+                                                             "meta": {**nxt, "pinned": pinned}},
                                     keep=run.keep_checkpoints)
     finally:
         if bar is not None:
             bar.close()
+    distributed.barrier()  # the last checkpoint is whole before any rank goes on
     return log
+
+
+GLOBAL_ACCUM = "grad_accum x world"
+"""The pinned name of the global batch, in micro-batches per optimizer step."""
+
+
+def global_accum(grad_accum: int) -> int:
+    """Micro-batches per optimizer step over all ranks: grad_accum x world size."""
+    return grad_accum * distributed.world()
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    """Optimizer steps one epoch of ``num_batches`` micro-batches takes on this world size."""
+    return math.ceil(num_batches / global_accum(grad_accum))
+
+
+def my_share(group: list) -> list:
+    """This rank's micro-batches of a step's group (every ``world``-th one); all of it on one
+    process."""
+    return distributed.shard(group)
+
+
+def reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over ranks (one all-reduce); the values themselves on one process.
+    Step metrics are sums of per-micro-batch parts already weighted by the global group, so
+    the sum is the global figure."""
+    if not distributed.active():
+        return values
+    t = distributed.all_reduce_sum(torch.tensor([float(v) for v in values.values()], dtype=torch.float64,
+                                                device=distributed_device()))
+    return dict(zip(values, t.tolist()))
+
+
+def distributed_device() -> torch.device:
+    """Where collectives' tensors live: the CUDA device under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def global_pinned(pinned: dict, ga: int) -> dict:
+    """The stage's pinned settings with the per-rank ``optim.grad_accum`` replaced by the
+    global batch, which is what determines the result."""
+    out = {k: v for k, v in pinned.items() if k != "optim.grad_accum"}
+    out[GLOBAL_ACCUM] = ga
+    return out
 
 
 def _timed_step(stage: str, step: StepFn, group: list[PackedBatch], epoch: int, ckpt_dir: Path | None) -> dict:
@@ -119,10 +182,12 @@ def summary(log: list[dict], step: int) -> dict:
 
 
 def fresh_start(out: Path, resume: bool) -> None:
-    """Without ``resume``, drop an earlier run's checkpoints and metrics in ``out``."""
-    if not resume and (out / "checkpoints").exists():
+    """Without ``resume``, drop an earlier run's checkpoints and metrics in ``out`` (rank 0
+    does; the others wait for it)."""
+    if not resume and distributed.is_main() and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    distributed.barrier()
 
 
 def resume_from(out: Path, params: dict, trainer: Trainer, pinned: dict | None = None) -> dict | None:
@@ -140,7 +205,8 @@ def resume_from(out: Path, params: dict, trainer: Trainer, pinned: dict | None =
         raise InputError(f"{ckpt}: does not match this run's trainable weights ({exc}); "
                          "start over with --no-resume or another --out") from exc
     trainer.step = state["step"]
-    truncate_metrics(out / "metrics.jsonl", trainer.step)
+    if distributed.is_main():
+        truncate_metrics(out / "metrics.jsonl", trainer.step)
     return state["meta"]
 
 
@@ -149,6 +215,12 @@ def check_pinned(ckpt: Path, pinned: dict) -> None:
     old = json.loads((ckpt / "state.json").read_text())["meta"].get("pinned")
     if old is None or not pinned:
         return
+    old = dict(old)
+    if GLOBAL_ACCUM not in old:  # written before the global batch was pinned: by one process
+        if "optim.grad_accum" not in old:
+            pinned = {k: v for k, v in pinned.items() if k != GLOBAL_ACCUM}
+        else:
+            old[GLOBAL_ACCUM] = old.pop("optim.grad_accum")
     new = json.loads(json.dumps(pinned))  # tuples -> lists, as stored
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:

@@ -99,8 +99,10 @@ class Engine:
         *,
         progress: bool = False,
         max_slots: int | None = None,
+        keys: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Sample continuations for every prompt; one RequestOutput per prompt, in order."""
+        """Sample continuations for every prompt; one RequestOutput per prompt, in order.
+        ``keys``: the index each prompt's random draws are keyed by (default: its position)."""
         params = params or SamplingParams()
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots, static=self.static_decoder())
@@ -110,7 +112,7 @@ class Engine:
 
             bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
         try:
-            return gen.run(ids, params, bar)
+            return gen.run(ids, params, bar, keys)
         finally:
             if bar is not None:
                 bar.close()

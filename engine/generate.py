@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -89,7 +90,10 @@ class Generator:
         self.eos = eos
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[RequestOutput]:
+    def run(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+            keys: Sequence[int] | None = None) -> list[RequestOutput]:
+        """``keys``: the index each prompt's draws are keyed by (default: its position), so a
+        rank's share of a prompt list samples exactly what the whole list would."""
         params.validate()
         if not prompts:
             return []
@@ -112,6 +116,7 @@ class Generator:
         else:
             self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype, self.model.device)
         self.params, self.seed = params, seed
+        self.keys = list(keys) if keys is not None else list(range(len(prompts)))
         self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
         self.progress = progress
         queue, active = deque(range(len(prompts))), []
@@ -145,7 +150,7 @@ class Generator:
             for s in range(n):
                 if s:
                     self.cache.copy_slot(first_slot[j], first_slot[j] + s, lengths[j])
-                gen = None if self.params.greedy else sample_generator(self.seed, i, s, self.model.device)
+                gen = None if self.params.greedy else sample_generator(self.seed, self.keys[i], s, self.model.device)
                 new.append(_Slot(i, s, lengths[j], -1, [], [], gen))
         self._advance(new, logits)
         active.extend(new)

@@ -12,6 +12,19 @@ Devices: AdamW's moments are created beside each parameter (on the model's devic
 for the float32 LoRA masters and heads); checkpoints are written from host copies and read
 back into the live tensors wherever they are. The CUDA RNG is saved too when CUDA is in use,
 so dropout on a GPU resumes exactly.
+
+Data parallelism (under ``torchrun``): each rank runs its share of an optimizer step's
+micro-batches, and ``Trainer.apply`` sums the gradients of the trainable tensors over ranks
+(one all-reduce of one flat buffer) before clipping. The caller divides each micro-batch
+loss by the count (tokens, pairs) of the whole *global* group, so the summed gradient is the
+one a single process computes over the same global batch, and the clipping, schedule and
+AdamW step that follow are identical on every rank. This explicit all-reduce is used rather
+than wrapping the model in ``DistributedDataParallel`` because the trainable tensors are
+LoRA adapters and heads attached to a shared frozen base that several roles use in turn
+(policy, reference, reward) under context managers: DDP wants one module whose forward is
+the training forward and all-reduces every parameter it owns, while here the base must never
+be reduced and a rank may have no micro-batch at all in a step (it then contributes zeros).
+The buffer is a few MB, so bucketing and overlap, DDP's gains, buy nothing measurable.
 """
 from __future__ import annotations
 
@@ -28,7 +41,7 @@ from typing import Any, Iterable
 
 import torch
 
-from engine import profiling
+from engine import distributed, profiling
 from engine.device import cuda_present
 
 CKPT_PREFIX = "step-"
@@ -145,12 +158,16 @@ class Trainer:
         self.params = [p for p in params if p.requires_grad]
         self.cfg, self.step, self.micro = cfg, 0, 0
         self.optimizer = make_optimizer(self.params, cfg)
+        self._bad_loss: float | None = None  # a non-finite loss on this rank, raised at apply
 
     def backward(self, loss: torch.Tensor) -> float:
         """Backward of one micro-batch's (scaled) loss; returns its value. Raises
         NonFiniteLossError before any gradient is applied."""
         value = loss.item()  # one host sync per micro-batch: needed for logging anyway
         if not math.isfinite(value):
+            if distributed.active():  # the other ranks wait in apply's all-reduce: raise there, on all
+                self._bad_loss = value
+                return value
             self.zero_grad()
             raise NonFiniteLossError(self.step + 1, "loss", value)
         with profiling.phase("engine.train.backward"):
@@ -164,7 +181,10 @@ class Trainer:
         return self.micro >= self.cfg.grad_accum
 
     def apply(self) -> dict[str, float]:
-        """Clip, schedule, step; returns {"lr", "grad_norm"} of this optimizer step."""
+        """Sum the gradients over ranks (when distributed), clip, schedule, step; returns
+        {"lr", "grad_norm"} of this optimizer step."""
+        if distributed.active():
+            self._all_reduce_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"), foreach=True)
         norm = float(norm)  # host sync: a non-finite norm must stop the step before it is applied
         if not math.isfinite(norm):
@@ -182,7 +202,27 @@ class Trainer:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.micro = 0
+        self.micro, self._bad_loss = 0, None
+
+    def _all_reduce_grads(self) -> None:
+        """One all-reduce of every gradient (zeros where this rank had no micro-batch) and a
+        flag counting ranks whose loss was not finite; raises NonFiniteLossError on every
+        rank if any was, so none steps and none waits."""
+        ref = self.params[0]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flag = torch.tensor([0.0 if self._bad_loss is None else 1.0], device=ref.device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flag])  # [numel + 1]
+        distributed.all_reduce_sum(flat)
+        bad = int(flat[-1].item())
+        if bad:
+            value = self._bad_loss if self._bad_loss is not None else float("nan")
+            self.zero_grad()
+            raise NonFiniteLossError(self.step + 1, f"loss (on {bad} rank(s))", value)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
 
 
 # ---- checkpoints --------------------------------------------------------------------------

@@ -159,3 +159,21 @@ def test_device_peaks_by_name():
     got = dev.achieved(4.8e12, 98.9e12, 2.0, h200, torch.bfloat16)
     assert got["bandwidth_fraction"] == 0.5 and got["flops_fraction"] == 0.05
     assert "flops_fraction" not in dev.achieved(1, 1, 1.0, h200, torch.float32)  # the peak is bfloat16's
+
+
+def test_scale_tiny_cpu():
+    """Every layout runs the same work (1 process x 1 and x 2 threads, 2 torchrun processes x
+    1 thread) and the efficiency and scaling are the ratios of their figures."""
+    out = run_bench("scale", "--tiny")
+    one, two = out["layouts"]["1 proc x 2 threads"], out["layouts"]["2 procs x 1 thread"]
+    assert (one["world"], one["threads"], two["world"], two["threads"]) == (1, 2, 2, 1)
+    for row in (one, two):
+        _positive(row["generate_tok_s"], row["sft_step_s"], row["ppo_iteration_s"])
+    single = out["layouts"]["1 proc x 1 thread"]
+    assert (single["world"], single["threads"]) == (1, 1)
+    assert out["scaling"]["sft"] == pytest.approx(single["sft_step_s"] / two["sft_step_s"] / 2)
+    eff = out["efficiency"]
+    assert eff["generate"] == pytest.approx(two["generate_tok_s"] / one["generate_tok_s"])
+    assert eff["sft"] == pytest.approx(one["sft_step_s"] / two["sft_step_s"])
+    assert eff["ppo"] == pytest.approx(one["ppo_iteration_s"] / two["ppo_iteration_s"])
+    assert len(out["loadavg"]) == 3
