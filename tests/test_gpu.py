@@ -113,13 +113,11 @@ def test_sft_pm_ppo_dpo_steps_on_cuda(tiny_model_dir, tmp_path):
         def score(self, convs, responses):
             return torch.tensor([float(r.count("e")) for r in responses], device="cuda")
 
-    ppo = PPOTrainer(eng, Score(), PPOConfig(prompts_per_iteration=4, max_new_tokens=12, lr=3e-3, minibatch_size=4))
-    chosen = ppo.prompts_for([PromptRecord(f"p{i}", f"Bread {i}?", None, "x", "train") for i in range(4)], 0)
-    ids, responses, texts = ppo.rollout(chosen, 0)
-    ro = ppo.experience(chosen, ids, responses, texts)
-    seqs = [p + r for p, r in zip(ids, responses)]
-    masks = [[False] * len(p) + [True] * len(r) for p, r in zip(ids, responses)]
-    assert _falls([ppo._minibatch_step(ro, seqs, masks, [0, 1, 2, 3])["loss"] for _ in range(6)])
+    ppo = PPOTrainer(eng, Score(), PPOConfig(prompts_per_iteration=4, max_new_tokens=12, lr=3e-3, minibatch_size=4,
+                                             helpful_fraction=0.0))
+    chosen, _ = ppo.prompts_for([PromptRecord(f"p{i}", f"Bread {i}?", None, "x", "train") for i in range(4)], [], 0)
+    ro = ppo.experience(chosen, ppo.rollout(chosen, 0))
+    assert _falls([ppo._minibatch_step(ro, [0, 1, 2, 3])["loss"] for _ in range(6)])
     assert lora.get_adapter(eng.model, "policy").layers[0]["qkv"].A.dtype is torch.float32
 
 
