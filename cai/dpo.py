@@ -112,11 +112,11 @@ def shared_reference(model, encoded: Sequence[EncodedPair], adapter: str | None,
         return reference_logprobs(model, encoded, adapter, max_tokens)
     mine = distributed.shard(list(range(len(encoded))))
     part = reference_logprobs(model, [encoded[i] for i in mine], adapter, max_tokens).cpu().tolist()
-    out = torch.empty(len(encoded), 2)
-    for idx, rows in distributed.all_gather_objects((mine, part)):
+    out = torch.empty(len(encoded), 2, device=model.device)
+    for idx, rows in distributed.all_gather_objects((mine, part)):  # host lists from every rank
         if idx:
-            out[idx] = torch.tensor(rows)
-    return out.to(model.device)
+            out[idx] = torch.tensor(rows, device=model.device)
+    return out
 
 
 def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, sft_adapter: str | None = "sft",

@@ -449,7 +449,7 @@ class PPOTrainer:
         self.kl.update(kl, n)
         self.iteration += 1
         n_tokens = sum(s["tokens"] for s in seqs.values())
-        scores = torch.tensor([seqs[i]["score"] for i in range(n)])
+        scores = torch.tensor([seqs[i]["score"] for i in range(n)], device="cpu")  # host floats for the metrics
         by_kind = {"reward_redteam": scores[: n - n_help], "reward_helpful": scores[n - n_help :]}
         kept = sum(s["kept"] for s in seqs.values())
         return {"iteration": self.iteration, "reward_mean": float(scores.mean()),
