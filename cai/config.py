@@ -293,9 +293,11 @@ def add_model_flags(p: argparse.ArgumentParser, help_: str = "the shared base mo
 
 def load_engine(model: str, device: str = "auto", dtype: str = "auto", **kw):
     """``Engine.load`` with the device and dtype settings of a command or a run."""
-    from engine import Engine
+    from engine import Engine, distributed
 
-    return Engine.load(model, device=device, dtype=dtype, **kw)
+    eng = Engine.load(model, device=distributed.rank_device(device), dtype=dtype, **kw)
+    distributed.init(eng.model.device)  # under torchrun: join the group (once), gloo or NCCL by device
+    return eng
 
 
 def open_engine(args: argparse.Namespace, model: str | None = None, **kw):

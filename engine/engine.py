@@ -9,7 +9,7 @@ from typing import Sequence, Union
 
 import torch
 
-from engine import loader
+from engine import distributed, loader
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InputError
 from engine.generate import Generator, RequestOutput
@@ -105,7 +105,7 @@ class Engine:
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots, static=self.static_decoder())
         bar = None
-        if progress:
+        if progress and distributed.is_main():  # one progress bar, from rank 0
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
