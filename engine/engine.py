@@ -99,8 +99,11 @@ class Engine:
         *,
         progress: bool = False,
         max_slots: int | None = None,
+        sample_keys: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Sample continuations for every prompt; one RequestOutput per prompt, in order."""
+        """Sample continuations for every prompt; one RequestOutput per prompt, in order.
+        ``sample_keys``: what seeds each prompt's samples instead of its position (a rank
+        passes the prompts' positions in the whole list it has a share of)."""
         params = params or SamplingParams()
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots, static=self.static_decoder())
@@ -110,7 +113,7 @@ class Engine:
 
             bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
         try:
-            return gen.run(ids, params, bar)
+            return gen.run(ids, params, bar, None if sample_keys is None else list(sample_keys))
         finally:
             if bar is not None:
                 bar.close()

@@ -89,8 +89,14 @@ class Generator:
         self.eos = eos
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[RequestOutput]:
+    def run(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+            sample_keys: list[int] | None = None) -> list[RequestOutput]:
+        """``sample_keys``: the index each prompt's sample generators are seeded by (default:
+        its position), so a rank generating a share of a prompt list draws what one process
+        drawing the whole list draws for those prompts."""
         params.validate()
+        if sample_keys is not None and len(sample_keys) != len(prompts):
+            raise InputError(f"{len(sample_keys)} sample keys for {len(prompts)} prompts")
         if not prompts:
             return []
         ctx_limit = self.model.cfg.max_position_embeddings
@@ -112,6 +118,7 @@ class Generator:
         else:
             self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype, self.model.device)
         self.params, self.seed = params, seed
+        self.keys = list(range(len(prompts))) if sample_keys is None else list(sample_keys)
         self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
         self.progress = progress
         queue, active = deque(range(len(prompts))), []
@@ -145,7 +152,7 @@ class Generator:
             for s in range(n):
                 if s:
                     self.cache.copy_slot(first_slot[j], first_slot[j] + s, lengths[j])
-                gen = None if self.params.greedy else sample_generator(self.seed, i, s, self.model.device)
+                gen = None if self.params.greedy else sample_generator(self.seed, self.keys[i], s, self.model.device)
                 new.append(_Slot(i, s, lengths[j], -1, [], [], gen))
         self._advance(new, logits)
         active.extend(new)

@@ -60,15 +60,52 @@ def _sl_args(model, prompts, out) -> list[str]:
 
 def _label_args(model, prompts, out) -> list[str]:
     return ["label", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "8",
-            "--principles-per-pair", "2", "--chunk-size", "2", "--max-fewshot", "1", "--seed", "5"]
+            "--principles-per-pair", "1", "--chunk-size", "2", "--max-fewshot", "0", "--seed", "5", "--limit", "5"]
+
+
+DRIVER = """\
+import json, sys
+from cai import cli
+from cai.pipeline import Pipeline, load_run_config
+from engine import distributed
+for args in json.loads(sys.argv[1]):  # stage commands, one after another in this process
+    assert cli.main(args) == 0
+pipe = Pipeline(load_run_config(sys.argv[2], None, {})[0], sys.argv[3])
+distributed.say("world", distributed.world(), pipe.stage_sl(), pipe.stage_helpful())
+"""
+
+RUN = """\
+model: {model}
+sl_prompts: 2
+helpful_samples: 5
+sl: {{rounds: 1, max_new_tokens: 8, chunk_size: 1, max_fewshot: 0, max_slots: 2}}
+"""
 
 
 @pytest.fixture(scope="module")
-def sl_world1(tiny_model_dir, prompts_file, tmp_path_factory) -> Path:
+def runs(tiny_model_dir, prompts_file, tmp_path_factory) -> dict:
+    """``cai sl``, ``cai label`` and `cai run`'s SL and helpful stages, run in one process
+    (world 1) and under torchrun on two (world 2): {world: (folder, stdout)}."""
+    model, root = tiny_model_dir("llama"), tmp_path_factory.mktemp("runs")
+    (root / "driver.py").write_text(DRIVER)
+    (root / "run.yaml").write_text(RUN.format(model=model))
+    done = {}
+    for world in (1, 2):
+        d = root / f"w{world}"
+        commands = [_sl_args(model, prompts_file, d / "sl.jsonl"), _label_args(model, prompts_file, d / "labels.jsonl")]
+        cmd = _launch(world, ["x"])
+        at = len(cmd) - 1 - cmd[::-1].index("-m")  # the driver script replaces `-m cai.cli x`
+        cmd[at:] = [str(root / "driver.py"), json.dumps(commands), str(root / "run.yaml"), str(d / "run")]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        done[world] = (d, proc.stdout + proc.stderr)
+    return done
+
+
+@pytest.fixture(scope="module")
+def sl_world1(runs) -> Path:
     """The SL-CAI records of one process: what every distributed run must reproduce."""
-    out = tmp_path_factory.mktemp("sl1") / "sl.jsonl"
-    _run(1, _sl_args(tiny_model_dir("llama"), prompts_file, out))
-    return out
+    return runs[1][0] / "sl.jsonl"
 
 
 def _same_output(a: Path, b: Path) -> None:
@@ -79,23 +116,27 @@ def _same_output(a: Path, b: Path) -> None:
     assert shard_files(b) == []
 
 
-def test_sl_world2_gives_the_records_of_world1(sl_world1, tiny_model_dir, prompts_file, tmp_path):
-    out = tmp_path / "sl.jsonl"
-    proc = _run(2, _sl_args(tiny_model_dir("llama"), prompts_file, out))
+def test_sl_world2_gives_the_records_of_world1(runs):
+    out, log = runs[2][0] / "sl.jsonl", runs[2][1]
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"q{i}" for i in range(N)]
-    _same_output(sl_world1, out)
+    _same_output(runs[1][0] / "sl.jsonl", out)
     # rank 0 alone reports; the other rank is silent
-    assert proc.stdout.count(f"wrote {N} records") == 1 and "[rank" not in proc.stdout + proc.stderr
+    assert log.count(f"wrote {N} records") == 1 and "[rank" not in log
 
 
-def test_labels_world2_give_the_records_of_world1(tiny_model_dir, prompts_file, tmp_path):
-    model = tiny_model_dir("llama")
-    one, two = tmp_path / "one" / "labels.jsonl", tmp_path / "two" / "labels.jsonl"
-    _run(1, _label_args(model, prompts_file, one))
-    proc = _run(2, _label_args(model, prompts_file, two))
+def test_labels_world2_give_the_records_of_world1(runs):
+    one, two = runs[1][0] / "labels.jsonl", runs[2][0] / "labels.jsonl"
     assert one.read_text().strip(), "the tiny model should label some pairs"
     _same_output(one, two)
-    assert proc.stdout.count("labelled pairs to") == 1
+    assert runs[2][1].count("labelled pairs to") == 1
+
+
+def test_run_stages_sl_and_helpful_world2_equal_world1(runs):
+    """`cai run`'s generating stages before SFT, as torchrun runs them."""
+    for name in ("sl.jsonl", "helpful.jsonl"):
+        _same_output(runs[1][0] / "run" / name, runs[2][0] / "run" / name)
+    assert len((runs[2][0] / "run" / "helpful.jsonl").read_text().splitlines()) == 5
+    assert "world 2" in runs[2][1] and runs[2][1].count("world ") == 1  # rank 0 alone prints
 
 
 def _worker(agent_pid: int, rank: int) -> int:
@@ -121,7 +162,7 @@ def test_a_rank_killed_mid_stage_then_restarted_ends_with_every_record_once(sl_w
                              cwd=REPO)
     shard1 = out.with_name(out.name + ".rank1-of-2.jsonl")
     deadline = time.time() + 90
-    while time.time() < deadline and not (shard1.exists() and shard1.read_text().count("\n") >= 2):
+    while time.time() < deadline and agent.poll() is None and not (shard1.exists() and shard1.read_text().count("\n") >= 2):
         time.sleep(0.01)
     os.kill(_worker(agent.pid, 1), signal.SIGKILL)  # rank 1 dies after its first chunk
     assert agent.wait(timeout=60) != 0
@@ -145,3 +186,4 @@ def test_resume_at_another_world_size_counts_every_shard_done(sl_world1, tiny_mo
     proc = _run(1, _sl_args(tiny_model_dir("llama"), prompts_file, out))
     assert "4 records done, 4 to go" in proc.stdout
     _same_output(sl_world1, out)
+
