@@ -65,7 +65,9 @@ def open_output(path: str | os.PathLike, meta: dict, order: Sequence[str], key: 
     process with no shards on disk (today's behaviour), else a ``ShardedJsonl``.
     ``order``: the ids of the stage's inputs, the order of the merged file."""
     path = Path(path)
-    if dist.world() == 1 and not (shard_files(path) and not overwrite):
+    if dist.world() == 1 and overwrite:
+        _remove_shards(path)
+    if dist.world() == 1 and not shard_files(path):
         return ResumableJsonl(path, meta, key=key, overwrite=overwrite)
     return ShardedJsonl(path, meta, order, key=key, overwrite=overwrite)
 
@@ -79,9 +81,9 @@ class ShardedJsonl:
         self.path, self.key, self.order = path, key, list(order)
         self.meta = json.loads(json.dumps(meta))
         if overwrite and dist.is_main():
-            for p in [path, *shard_files(path)]:
-                p.unlink(missing_ok=True)
-                _sidecar(p).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            _sidecar(path).unlink(missing_ok=True)
+            _remove_shards(path)
         dist.barrier()  # nobody opens a file rank 0 is still removing
         self.own = ResumableJsonl(shard_path(path, dist.rank(), dist.world()), meta, key=key)
         self.done = set(self.own.done)
@@ -146,7 +148,11 @@ def merge_shards(path: Path, meta: dict, order: Sequence[str], key: str = "id") 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for s in shards:
+    _remove_shards(path)
+    return len(records)
+
+
+def _remove_shards(path: Path) -> None:
+    for s in shard_files(path):
         s.unlink(missing_ok=True)
         _sidecar(s).unlink(missing_ok=True)
-    return len(records)

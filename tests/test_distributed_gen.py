@@ -84,7 +84,7 @@ sl: {{rounds: 1, max_new_tokens: 8, chunk_size: 1, max_fewshot: 0, max_slots: 2}
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, prompts_file, tmp_path_factory) -> dict:
-    """``cai sl``, ``cai label`` and `cai run`'s SL and helpful stages, run in one process
+    """``cai sl``, ``cai label``, ``cai eval`` and `cai run`'s SL and helpful stages, run in one process
     (world 1) and under torchrun on two (world 2): {world: (folder, stdout)}."""
     model, root = tiny_model_dir("llama"), tmp_path_factory.mktemp("runs")
     (root / "driver.py").write_text(DRIVER)
@@ -92,7 +92,10 @@ def runs(tiny_model_dir, prompts_file, tmp_path_factory) -> dict:
     done = {}
     for world in (1, 2):
         d = root / f"w{world}"
-        commands = [_sl_args(model, prompts_file, d / "sl.jsonl"), _label_args(model, prompts_file, d / "labels.jsonl")]
+        commands = [_sl_args(model, prompts_file, d / "sl.jsonl"), _label_args(model, prompts_file, d / "labels.jsonl"),
+                    ["eval", "--model", str(model), "--out", str(d / "eval"), "--checkpoint", "initial=",
+                     "--checkpoint", "again=", "--limit", "3", "--max-new-tokens", "8", "--chunk-size", "2",
+                     "--principles-per-comparison", "1", "--max-fewshot", "0"]]
         cmd = _launch(world, ["x"])
         at = len(cmd) - 1 - cmd[::-1].index("-m")  # the driver script replaces `-m cai.cli x`
         cmd[at:] = [str(root / "driver.py"), json.dumps(commands), str(root / "run.yaml"), str(d / "run")]
@@ -129,6 +132,13 @@ def test_labels_world2_give_the_records_of_world1(runs):
     assert one.read_text().strip(), "the tiny model should label some pairs"
     _same_output(one, two)
     assert runs[2][1].count("labelled pairs to") == 1
+
+
+def test_eval_answers_and_judgments_world2_equal_world1(runs):
+    for name in ("responses.jsonl", "judgments.jsonl"):
+        _same_output(runs[1][0] / "eval" / name, runs[2][0] / "eval" / name)
+    assert len((runs[2][0] / "eval" / "judgments.jsonl").read_text().splitlines()) == 6
+    assert (runs[2][0] / "eval" / "report.md").exists() and runs[2][1].count("wrote ") == 3  # sl, label, eval
 
 
 def test_run_stages_sl_and_helpful_world2_equal_world1(runs):
@@ -187,3 +197,17 @@ def test_resume_at_another_world_size_counts_every_shard_done(sl_world1, tiny_mo
     assert "4 records done, 4 to go" in proc.stdout
     _same_output(sl_world1, out)
 
+
+
+def test_overwrite_removes_the_shards_a_distributed_run_left(tmp_path):
+    from cai.shards import open_output
+
+    out = tmp_path / "sl.jsonl"
+    for rank in (0, 1):
+        shard = out.with_name(f"{out.name}.rank{rank}-of-2.jsonl")
+        shard.write_text(json.dumps({"id": f"old{rank}"}) + "\n")
+        shard.with_name(shard.name + ".meta.json").write_text("{}")
+    with open_output(out, {"a": 1}, ["new"], overwrite=True) as o:
+        assert o.done == set()
+        o.append([{"id": "new"}])
+    assert shard_files(out) == [] and out.read_text() == '{"id": "new"}\n'
