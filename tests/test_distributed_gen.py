@@ -71,7 +71,9 @@ from engine import distributed
 for args in json.loads(sys.argv[1]):  # stage commands, one after another in this process
     assert cli.main(args) == 0
 pipe = Pipeline(load_run_config(sys.argv[2], None, {})[0], sys.argv[3])
-distributed.say("world", distributed.world(), pipe.stage_sl(), pipe.stage_helpful())
+summary = pipe.stage_sl(), pipe.stage_helpful()
+if distributed.is_main():
+    print("world", distributed.world(), *summary)
 """
 
 RUN = """\
