@@ -134,7 +134,8 @@ class Pipeline:
             self._check_config()
         self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype)
         self.con = load_constitution(cfg.constitution)
-        if overwrite and distributed.is_main():  # only once the model and constitution loaded, so a typo loses nothing
+        # only once the model and constitution loaded, so a typo loses nothing
+        if overwrite and distributed.is_main():
             self._clear()
         if distributed.is_main():  # rank 0 keeps the books; replaced whole, as other ranks may read it
             self.out.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,8 @@ class ShardedJsonl:
             old = json.loads(read_text(_sidecar(path))) if _sidecar(path).is_file() else None
             if old != self.meta:
                 diff = sorted(k for k in set(old or {}) | set(self.meta) if (old or {}).get(k) != self.meta.get(k))
-                raise InputError(f"{path}: exists from a run with other settings ({', '.join(diff) or 'no settings file'}); "
+                what = ", ".join(diff) or "no settings file"
+                raise InputError(f"{path}: exists from a run with other settings ({what}); "
                                  "use the same settings to resume, or another output path (or --overwrite)")
         return records
 

@@ -154,8 +154,8 @@ class SLRunner:
 
     def _skip(self, p: PromptRecord, what: str, n: int, limit: int) -> None:
         self.skipped.append(p.id)
-        print(f"{distributed.tag()}warning: skipping record {p.id!r} ({p.where or 'input'}): its {what} has {n} tokens, "
-              f"the model's context is {limit}", file=sys.stderr)
+        print(f"{distributed.tag()}warning: skipping record {p.id!r} ({p.where or 'input'}): "
+              f"its {what} has {n} tokens, the model's context is {limit}", file=sys.stderr)
 
     def run_chunk(self, chunk: list[PromptRecord], progress=None) -> list[dict]:
         """Answer, then R rounds of critique -> revision, for every example of the chunk."""

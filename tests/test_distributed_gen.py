@@ -174,7 +174,8 @@ def test_a_rank_killed_mid_stage_then_restarted_ends_with_every_record_once(sl_w
                              cwd=REPO)
     shard1 = out.with_name(out.name + ".rank1-of-2.jsonl")
     deadline = time.time() + 90
-    while time.time() < deadline and agent.poll() is None and not (shard1.exists() and shard1.read_text().count("\n") >= 2):
+    first_chunk = lambda: shard1.exists() and shard1.read_text().count("\n") >= 2  # noqa: E731
+    while time.time() < deadline and agent.poll() is None and not first_chunk():
         time.sleep(0.01)
     os.kill(_worker(agent.pid, 1), signal.SIGKILL)  # rank 1 dies after its first chunk
     assert agent.wait(timeout=60) != 0
