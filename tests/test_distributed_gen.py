@@ -91,13 +91,17 @@ def runs(tiny_model_dir, prompts_file, tmp_path_factory) -> dict:
     model, root = tiny_model_dir("llama"), tmp_path_factory.mktemp("runs")
     (root / "driver.py").write_text(DRIVER)
     (root / "run.yaml").write_text(RUN.format(model=model))
+    many = root / "many.jsonl"  # more than one chunk of `cai generate` (64 prompts)
+    many.write_text("".join(json.dumps({"prompt": f"Bread {i}"}) + "\n" for i in range(70)))
     done = {}
     for world in (1, 2):
         d = root / f"w{world}"
         commands = [_sl_args(model, prompts_file, d / "sl.jsonl"), _label_args(model, prompts_file, d / "labels.jsonl"),
                     ["eval", "--model", str(model), "--out", str(d / "eval"), "--checkpoint", "initial=",
                      "--checkpoint", "again=", "--limit", "3", "--max-new-tokens", "8", "--chunk-size", "2",
-                     "--principles-per-comparison", "1", "--max-fewshot", "0"]]
+                     "--principles-per-comparison", "1", "--max-fewshot", "0"],
+                    ["generate", "--model", str(model), "--prompts", str(many), "--out", str(d / "gen.jsonl"),
+                     "--max-new-tokens", "2", "--seed", "1", "--temperature", "1"]]
         cmd = _launch(world, ["x"])
         at = len(cmd) - 1 - cmd[::-1].index("-m")  # the driver script replaces `-m cai.cli x`
         cmd[at:] = [str(root / "driver.py"), json.dumps(commands), str(root / "run.yaml"), str(d / "run")]
@@ -141,6 +145,11 @@ def test_eval_answers_and_judgments_world2_equal_world1(runs):
         _same_output(runs[1][0] / "eval" / name, runs[2][0] / "eval" / name)
     assert len((runs[2][0] / "eval" / "judgments.jsonl").read_text().splitlines()) == 6
     assert (runs[2][0] / "eval" / "report.md").exists() and runs[2][1].count("wrote ") == 3  # sl, label, eval
+
+
+def test_generate_world2_equals_world1(runs):
+    _same_output(runs[1][0] / "gen.jsonl", runs[2][0] / "gen.jsonl")
+    assert [json.loads(x)["index"] for x in (runs[2][0] / "gen.jsonl").read_text().splitlines()] == list(range(70))
 
 
 def test_run_stages_sl_and_helpful_world2_equal_world1(runs):
