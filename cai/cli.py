@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from cai.config import positive_int
+from engine import distributed
 from engine.errors import InputError
 
 
@@ -52,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: everything written so far is kept; run the same command to resume",
+        print(f"{distributed.tag()}interrupted: everything written so far is kept; run the same command to resume",
               file=sys.stderr)
         return 130
     except InputError as exc:
-        print(f"cai {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{distributed.tag()}cai {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

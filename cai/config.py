@@ -296,9 +296,11 @@ def add_model_flags(p: argparse.ArgumentParser, help_: str = "the shared base mo
 
 def load_engine(model: str, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = True, **kw):
     """``Engine.load`` with the device, dtype and CUDA-graph settings of a command or a run."""
-    from engine import Engine
+    from engine import Engine, distributed
 
-    return Engine.load(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs, **kw)
+    eng = Engine.load(model, device=distributed.rank_device(device), dtype=dtype, cuda_graphs=cuda_graphs, **kw)
+    distributed.init(eng.model.device)  # under torchrun: join the group (once), gloo or NCCL by device
+    return eng
 
 
 def open_engine(args: argparse.Namespace, model: str | None = None, **kw):

@@ -48,8 +48,9 @@ from cai.label import LabelConfig, Labeller
 from cai.prompts import PromptRecord, is_builtin, load_prompts
 from cai.records import ResumableJsonl, read_jsonl
 from cai.refusal import is_refusal
+from cai.shards import open_output
 from cai.sl import resolve_style
-from engine import Engine, SamplingParams, profiling
+from engine import Engine, SamplingParams, distributed, profiling
 from engine.errors import InputError
 from engine.lora import adapters, load_adapter, remove_adapter, use_adapter
 
@@ -212,15 +213,16 @@ def generate_responses(engine: Engine, checkpoints: dict[str, str | None], sets:
     tok = engine.tokenizer
     todos = {name: [(s, p) for s, ps in sets.items() for p in ps if f"{name}:{s}:{p.id}" not in out.done]
              for name in checkpoints}
-    bar = _bar(progress, sum(map(len, todos.values())), "eval answers")
+    bar = _bar(progress, sum(map(len, todos.values())) // distributed.world(), "eval answers")
     for name, folder in checkpoints.items():
         todo = todos[name]
-        if not todo:
+        # under torchrun the chunks (cut as one process cuts them, so the seeds are its) are dealt to the ranks
+        mine = distributed.shard([todo[k:k + cfg.chunk_size] for k in range(0, len(todo), cfg.chunk_size)])
+        if not mine:
             continue
         adapter = _attach(engine, name, folder)
         try:
-            for start in range(0, len(todo), cfg.chunk_size):
-                chunk = todo[start:start + cfg.chunk_size]
+            for chunk in mine:
                 ids = [tok(prompting.render(prompting.initial_prompt(_conv(p), style), tok),
                            add_special_tokens=False)["input_ids"] for _, p in chunk]
                 params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -239,7 +241,7 @@ def generate_responses(engine: Engine, checkpoints: dict[str, str | None], sets:
 
 
 def _bar(progress: bool, total: int, desc: str):
-    if not progress:
+    if not progress or not distributed.is_main():  # one bar, rank 0's
         return None
     from tqdm import tqdm
 
@@ -309,9 +311,9 @@ class Judge:
         """Judge every pair (a before b in ``names``) on every prompt that ``out`` lacks."""
         todo = [(s, p, a, b) for s, ps in sets.items() for a, b in itertools.combinations(names, 2)
                 for p in ps if f"{s}:{p.id}:{a}:{b}" not in out.done]
-        bar = _bar(progress, len(todo), "eval judge")
-        for start in range(0, len(todo), self.cfg.chunk_size):
-            chunk = todo[start:start + self.cfg.chunk_size]
+        bar = _bar(progress, len(todo) // distributed.world(), "eval judge")
+        size = self.cfg.chunk_size
+        for chunk in distributed.shard([todo[k:k + size] for k in range(0, len(todo), size)]):
             with profiling.phase("cai.eval.judge"):
                 out.append(self.judge_chunk(chunk, answers))
             if bar is not None:
@@ -364,22 +366,27 @@ def evaluate(engine: Engine, checkpoints: dict[str, str | None], cfg: EvalConfig
     gen_meta = {"model": engine.source, "style": resolve_style(cfg.style, engine), "seed": cfg.seed,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
     resp_path = out / "responses.jsonl"
-    with ResumableJsonl(resp_path, gen_meta, overwrite=overwrite) as rj:
+    to_generate, to_judge, names = {**sets, **plan.to_generate()}, {**sets, **plan.to_judge()}, list(checkpoints)
+    order = [f"{n}:{s}:{p.id}" for n in names for s, ps in to_generate.items() for p in ps]
+    with open_output(resp_path, gen_meta, order, overwrite=overwrite) as rj:
         check_cached_adapters(resp_path, checkpoints)
-        generate_responses(engine, checkpoints, {**sets, **plan.to_generate()}, cfg, rj, progress)
+        generate_responses(engine, checkpoints, to_generate, cfg, rj, progress)
     t1 = time.perf_counter()
     answers = {(r["checkpoint"], r["set"], r["prompt_id"]): r["response"] for r in read_jsonl(resp_path)}
-    names = list(checkpoints)
-    with ResumableJsonl(out / "judgments.jsonl", {**gen_meta, **judge.meta()}, overwrite=overwrite) as jj:
-        judge.run(names, {**sets, **plan.to_judge()}, answers, jj, progress)
+    order = [f"{s}:{p.id}:{a}:{b}" for s, ps in to_judge.items() for a, b in itertools.combinations(names, 2)
+             for p in ps]
+    with open_output(out / "judgments.jsonl", {**gen_meta, **judge.meta()}, order, overwrite=overwrite) as jj:
+        judge.run(names, to_judge, answers, jj, progress)
     judgments = read_jsonl(out / "judgments.jsonl") if len(names) > 1 else []
     result = summarise(names, checkpoints, sets, answers, judgments, cfg)
     result["attacks"] = attacks.summarise(plan, names, result["baseline"], answers, judgments)
     result["lookalikes"] = attacks.lookalikes(sets["benign"], names, answers, cfg.lookalike_categories)
     result["seconds"] = {"generate": t1 - t0, "judge": time.perf_counter() - t1}
-    result.update(report.write_all(out, result, training_metrics or {}))
-    result["seconds"]["total"] = time.perf_counter() - t0
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    if distributed.is_main():  # one report, from rank 0
+        result.update(report.write_all(out, result, training_metrics or {}))
+        result["seconds"]["total"] = time.perf_counter() - t0
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+    distributed.barrier()  # no rank goes on before the report is written
     return result
 
 

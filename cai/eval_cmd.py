@@ -51,6 +51,7 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str | None]:
 
 def run_eval(args) -> int:
     from cai.eval import evaluate
+    from engine import distributed
 
     cfg = config_from_args(EvalConfig, args)
     checkpoints = parse_pairs(args.checkpoint, "checkpoint") or {"initial": None}
@@ -59,6 +60,8 @@ def run_eval(args) -> int:
     feedback = open_engine(args, args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
     result = evaluate(eng, checkpoints, cfg, args.out, feedback, progress=True, constitution=args.constitution,
                       training_metrics=metrics, overwrite=args.overwrite)
+    if not distributed.is_main():  # rank 0 reports
+        return 0
     print(summary_table(result))
     if result.get("attacks"):
         from cai.attacks import attack_table

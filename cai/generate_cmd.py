@@ -9,7 +9,8 @@ log-probs and finish reason.
 Prompts are generated in chunks of a fixed size, each written (and fsynced) as it
 finishes. An ``--out`` file is resumed like ``cai sl``'s: the same command started again
 after an interruption skips the finished chunks; other settings, or a file this command
-did not write, are refused unless ``--overwrite``.
+did not write, are refused unless ``--overwrite``. Under torchrun the chunks are dealt to
+the ranks (``--out`` a file), each rank writes a shard and rank 0 merges them in input order.
 """
 from __future__ import annotations
 
@@ -94,9 +95,13 @@ def run(args) -> int:
     from dataclasses import asdict
 
     from cai.outputs import check_file_output, sha256_of
-    from cai.records import ResumableJsonl
+    from cai.shards import open_output
+    from engine import distributed
 
     params = sampling_params(args)
+    if args.out == "-" and distributed.env_world() > 1:
+        raise InputError("--out -: ranks cannot share standard output; under torchrun give --out FILE "
+                         "(each rank writes its shard, rank 0 merges them in input order)")
     if args.out != "-":
         check_file_output(args.out, inputs=() if args.prompts == "-" else (args.prompts,), overwrite=args.overwrite)
     prompts = read_prompt_records(args.prompts, args.raw)
@@ -111,13 +116,15 @@ def run(args) -> int:
         return 0
     meta = {"stage": "generate", "model": eng.source, "prompts": _source(args.prompts), "raw": args.raw,
             "prompts_sha256": sha256_of(prompts), "chunk": CHUNK, **asdict(params)}
-    with ResumableJsonl(args.out, meta, key="index", overwrite=args.overwrite) as out:
-        if out.count:
+    with open_output(args.out, meta, range(len(prompts)), key="index", overwrite=args.overwrite) as out:
+        if out.count and distributed.is_main():
             print(f"resuming {args.out}: {out.count} of {len(prompts)} prompts done", file=sys.stderr)
         from tqdm import tqdm
 
-        with tqdm(total=len(prompts), initial=out.count, desc="generate", unit="prompt") as bar:
-            for start in range(0, len(prompts), CHUNK):
+        mine = distributed.shard(range(0, len(prompts), CHUNK))  # whole chunks, seeded by their position
+        with tqdm(total=len(prompts), initial=out.count, desc="generate", unit="prompt",
+                  disable=not distributed.is_main()) as bar:
+            for start in mine:
                 idx = range(start, min(start + CHUNK, len(prompts)))
                 if all(i in out.done for i in idx):
                     continue

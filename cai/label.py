@@ -38,7 +38,7 @@ from cai.constitution import ASPECTS, Constitution
 from cai.prompts import BUILTIN, PromptRecord
 from cai.records import ResumableJsonl
 from cai.sl import resolve_style
-from engine import Engine, SamplingParams, profiling
+from engine import Engine, SamplingParams, distributed, profiling
 from engine.errors import InputError
 from engine.lora import use_adapter
 from engine.options import option_logprobs
@@ -150,14 +150,21 @@ class Labeller:
         dropped again instead of being sampled anew."""
         aspect = self.aspect(aspect)
         self.con.principles_for(aspect)  # fail before any sampling when none judges it
-        for start in range(0, len(prompts), self.cfg.chunk_size):
-            chunk = prompts[start : start + self.cfg.chunk_size]
+        mine = self.chunks(prompts)
+        for chunk in mine:
             left = sum(p.id not in out.done for p in chunk)
             if left:
                 out.append(self.label_chunk(chunk, aspect, skip=out.done))
             if progress is not None and left:
                 progress.update(left)
-        return {"identical_dropped": sum(p.id not in out.done for p in prompts)}
+        dropped = torch.tensor([sum(p.id not in out.done for c in mine for p in c)])
+        return {"identical_dropped": int(distributed.all_reduce_sum(dropped).item())}  # over every rank
+
+    def chunks(self, prompts: list[PromptRecord]) -> list[list[PromptRecord]]:
+        """This rank's chunks: cut from the whole prompt list and dealt to the ranks whole,
+        so each is the chunk (with the seeds) a single process makes, at any world size."""
+        size = self.cfg.chunk_size
+        return distributed.shard([prompts[s : s + size] for s in range(0, len(prompts), size)])
 
     def sample_pairs(self, chunk: list[PromptRecord]) -> list[tuple[str, str]]:
         convs = [prompting.as_conversation(p.messages or p.prompt) for p in chunk]

@@ -61,7 +61,8 @@ def run_label(args) -> int:
     from cai.constitution import load_constitution
     from cai.label import Labeller, prompts_aspect
     from cai.prompts import select_prompts
-    from cai.records import ResumableJsonl
+    from cai.shards import open_output
+    from engine import distributed
 
     cfg = config_from_args(LabelConfig, args)
     con = load_constitution(args.constitution)
@@ -70,14 +71,15 @@ def run_label(args) -> int:
     feedback = open_engine(args, args.feedback_model, max_slots=cfg.max_slots) if args.feedback_model else None
     labeller = Labeller(eng, con, cfg, load_policy(eng, args.policy_adapter), feedback)
     meta = {**labeller.meta(), "policy_adapter": args.policy_adapter}
-    with ResumableJsonl(args.out, meta, overwrite=args.overwrite) as out:
+    with open_output(args.out, meta, [p.id for p in prompts], overwrite=args.overwrite) as out:
         left = sum(p.id not in out.done for p in prompts)
         if out.count:
-            print(f"resuming {args.out}: {out.count} labelled, {left} to go")
-        with tqdm(total=left, desc="label", unit="pair") as bar:
+            distributed.say(f"resuming {args.out}: {out.count} labelled, {left} to go")
+        mine = sum(p.id not in out.done for c in labeller.chunks(prompts) for p in c)
+        with tqdm(total=mine, desc="label", unit="pair", disable=not distributed.is_main()) as bar:
             dropped = labeller.run(prompts, out, bar, prompts_aspect(args.prompts))["identical_dropped"]
-        print(f"wrote {out.count} labelled pairs to {args.out}; left out {dropped} prompt(s) whose two "
-              "responses were identical")
+    distributed.say(f"wrote {out.count} labelled pairs to {args.out}; left out {dropped} prompt(s) whose two "
+                    "responses were identical")
     return 0
 
 

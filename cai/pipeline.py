@@ -35,7 +35,7 @@ from cai.label import LabelConfig
 from cai.ppo import PPOConfig
 from cai.sft import SFTConfig
 from cai.sl import SLConfig
-from engine import Engine, SamplingParams, profiling
+from engine import Engine, SamplingParams, distributed, profiling
 from engine.errors import InputError
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -45,6 +45,7 @@ OUTPUTS = ("config.yaml", "state.json", "metrics.jsonl", "report.md", "sl.jsonl"
            "sl.jsonl.meta.json", "helpful.jsonl.meta.json", "labels.jsonl.meta.json", "sft", "pm", "ppo", "dpo",
            "eval", "elo.png", "training_curves.png")
 _BOOKKEEPING = ("config.yaml", "state.json")
+_GENERATED = ("sl.jsonl", "helpful.jsonl", "labels.jsonl")  # written by rank shards under torchrun
 
 
 def _pm_config():
@@ -135,10 +136,15 @@ class Pipeline:
             self._check_config()
         self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs)
         self.con = load_constitution(cfg.constitution)
-        if overwrite:  # only once the model and constitution loaded, so a typo loses nothing
+        # only once the model and constitution loaded, so a typo loses nothing
+        if overwrite and distributed.is_main():
             self._clear()
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(self.resolved)
+        if distributed.is_main():  # rank 0 keeps the books; replaced whole, as other ranks may read it
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / "config.yaml.tmp"
+            tmp.write_text(self.resolved)
+            tmp.replace(self.out / "config.yaml")
+        distributed.barrier()
         self.state = self._read_state()
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -158,7 +164,13 @@ class Pipeline:
             if any(f.stat().st_size and f.name not in _BOOKKEEPING and not f.name.endswith(".meta.json")
                    for f in files):
                 return True
-        return False
+        return any(f.stat().st_size for f in self._shards())
+
+    def _shards(self) -> list[Path]:
+        """What ranks of a distributed run left of the generating stages' outputs."""
+        from cai.shards import shard_files
+
+        return [f for name in _GENERATED for f in shard_files(self.out / name)]
 
     def _clear(self) -> None:
         for name in OUTPUTS:
@@ -167,6 +179,9 @@ class Pipeline:
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
+        for f in self._shards():
+            f.unlink()
+            f.with_name(f.name + ".meta.json").unlink(missing_ok=True)
 
     def _read_state(self) -> dict:
         path = self.out / "state.json"
@@ -175,6 +190,8 @@ class Pipeline:
     def _finish(self, stage: str, seconds: float, summary: dict) -> None:
         self.state["done"].append(stage)
         self.state["seconds"][stage] = round(seconds, 1)
+        if not distributed.is_main():
+            return
         tmp = self.out / "state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=2))
         tmp.replace(self.out / "state.json")
@@ -184,9 +201,9 @@ class Pipeline:
     def run(self) -> dict:
         for stage in STAGES:
             if stage in self.state["done"]:
-                print(f"[{stage}] done earlier ({self.state['seconds'].get(stage, 0):.0f} s), skipped")
+                distributed.say(f"[{stage}] done earlier ({self.state['seconds'].get(stage, 0):.0f} s), skipped")
                 continue
-            print(f"[{stage}] ...")
+            distributed.say(f"[{stage}] ...")
             t0 = time.perf_counter()
             with profiling.phase(f"cai.run.{stage}"):
                 summary = getattr(self, f"stage_{stage}")() or {}
@@ -214,32 +231,35 @@ class Pipeline:
     def stage_sl(self) -> dict:
         from tqdm import tqdm
 
-        from cai.records import ResumableJsonl
+        from cai.shards import open_output
         from cai.sl import SLRunner
 
         prompts = self._prompts(self.cfg.redteam_prompts, 0, self.cfg.sl_prompts)
         runner = SLRunner(self.eng, self.con, self.cfg.sl)
-        with ResumableJsonl(self.out / "sl.jsonl", runner.meta()) as out, \
-                tqdm(total=len(prompts), initial=out.count, desc="sl-cai", unit="example") as bar:
+        mine = sum(len(c) for c in runner.chunks(prompts))
+        with open_output(self.out / "sl.jsonl", runner.meta(), [p.id for p in prompts]) as out, \
+                tqdm(total=mine, initial=sum(p.id in out.done for c in runner.chunks(prompts) for p in c),
+                     desc="sl-cai", unit="example", disable=not distributed.is_main()) as bar:
             runner.run(prompts, out, bar)
-            return {"records": out.count}
+        return {"records": out.count}
 
     def stage_helpful(self) -> dict:
         from cai import prompting
-        from cai.records import ResumableJsonl
+        from cai.shards import open_output
 
         prompts = self._prompts(self.cfg.helpful_prompts, 0, self.cfg.helpful_samples)
         meta = {"stage": "helpful", "model": self.eng.source, "n": len(prompts), "seed": self.cfg.seed}
-        with ResumableJsonl(self.out / "helpful.jsonl", meta) as out:
-            todo = [p for p in prompts if p.id not in out.done]
+        with open_output(self.out / "helpful.jsonl", meta, [p.id for p in prompts]) as out:
+            # each rank its share; samples keyed by the prompt's place in the whole list
+            todo = [(k, p) for k, p in distributed.shard(list(enumerate(prompts))) if p.id not in out.done]
             if todo:
-                convs = [prompting.as_conversation(p.messages or p.prompt) for p in todo]
+                convs = [prompting.as_conversation(p.messages or p.prompt) for _, p in todo]
                 params = SamplingParams(max_new_tokens=self.cfg.sl.max_new_tokens, temperature=self.cfg.sl.temperature,
                                         top_p=self.cfg.sl.top_p, seed=self.cfg.seed)
-                outs = self.eng.generate(convs, params, progress=True)
+                outs = self.eng.generate(convs, params, progress=True, sample_keys=[k for k, _ in todo])
                 out.append({"id": p.id, "messages": c + [{"role": "assistant", "content": prompting.clean_response(o.text)[0]}]}
-                           for p, c, o in zip(todo, convs, outs) if not prompting.is_degenerate(o.text))
-            return {"records": out.count}
+                           for (_, p), c, o in zip(todo, convs, outs) if not prompting.is_degenerate(o.text))
+        return {"records": out.count}
 
     def stage_sft(self) -> dict:
         from cai.sft import read_sft_file, train_sft
@@ -254,17 +274,20 @@ class Pipeline:
         from tqdm import tqdm
 
         from cai.label import Labeller
-        from cai.records import ResumableJsonl
+        from cai.shards import open_output
 
         sets = [(self._prompts(self.cfg.redteam_prompts, self.cfg.sl_prompts, self.cfg.label_prompts), "harmlessness"),
                 (self._prompts(self.cfg.helpful_prompts, self.cfg.helpful_samples, self.cfg.label_helpful_prompts),
                  "helpfulness")]
         sft = self._adapter("sft", self.out / "sft" / "adapter")
         labeller = Labeller(self.eng, self.con, self.cfg.label, sft)
-        with ResumableJsonl(self.out / "labels.jsonl", labeller.meta()) as out, \
-                tqdm(total=sum(len(ps) for ps, _ in sets), initial=out.count, desc="label", unit="pair") as bar:
+        order = [p.id for ps, _ in sets for p in ps]
+        mine = [p for ps, _ in sets for c in labeller.chunks(ps) for p in c]
+        with open_output(self.out / "labels.jsonl", labeller.meta(), order) as out, \
+                tqdm(total=len(mine), initial=sum(p.id in out.done for p in mine), desc="label", unit="pair",
+                     disable=not distributed.is_main()) as bar:
             dropped = sum(labeller.run(ps, out, bar, aspect)["identical_dropped"] for ps, aspect in sets)
-            return {"records": out.count, "identical_dropped": dropped}
+        return {"records": out.count, "identical_dropped": dropped}
 
     def stage_pm(self) -> dict:
         from cai.pm import train_pm
@@ -318,9 +341,10 @@ class Pipeline:
         report = self.out / "eval" / "report.md"
         if report.exists():
             lines += [report.read_text()]
-        (self.out / "report.md").write_text("\n".join(lines) + "\n")
-        for png in (self.out / "eval").glob("*.png"):
-            shutil.copy(png, self.out / png.name)
+        if distributed.is_main():
+            (self.out / "report.md").write_text("\n".join(lines) + "\n")
+            for png in (self.out / "eval").glob("*.png"):
+                shutil.copy(png, self.out / png.name)
         return {"seconds": total, "stages": self.state["seconds"], "eval": result}
 
 

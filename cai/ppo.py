@@ -328,7 +328,8 @@ class PPOTrainer:
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 stop=list(self.stops), seed=zlib.crc32(f"{self.cfg.seed}:rollout:{iteration}".encode()))
         with lora.use_adapter(self.model, "policy"), torch.inference_mode(), profiling.phase("cai.ppo.rollout"):
-            keyed = {"keys": keys} if keys is not None else {}  # engines without keys= still serve one process
+            # sample_keys only when sharded: stand-in engines (bench's transformers driver) lack it
+            keyed = {"sample_keys": keys} if keys is not None else {}
             outs = self.eng.generate(ids, params, max_slots=self.cfg.max_slots, **keyed)
         return Samples(ids, [o.samples[0].token_ids for o in outs], [o.samples[0].logprobs for o in outs])
 

@@ -8,6 +8,11 @@ The YAML file (and --set) may set any field of the run and of each stage's secti
 command again after an interruption and it resumes at the stage and record where it stopped;
 every setting is checked before the model loads, and --overwrite starts the folder over.
 --device, --dtype and --no-cuda-graphs are short for --set device=..., dtype=..., cuda_graphs=false.
+
+    torchrun --nproc-per-node 2 -m cai.cli run --preset demo --out runs/demo
+
+runs every stage on two ranks: the generating stages deal their prompts out and rank 0
+merges the records; rank 0 alone prints and keeps the run folder's books.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def run(args) -> int:
 
     from cai.config import parse_set
     from cai.pipeline import Pipeline, load_run_config
+    from engine import distributed
     from engine.errors import InputError
 
     if not args.config and not args.preset:
@@ -44,7 +50,8 @@ def run(args) -> int:
     cfg, _ = load_run_config(args.config, args.preset, parse_set(set_items(args)))
     out = args.out or str(Path("runs") / (args.preset or Path(args.config).stem))
     result = Pipeline(cfg, out, overwrite=args.overwrite).run()
-    print_summary(result, out)
+    if distributed.is_main():
+        print_summary(result, out)
     return 0
 
 

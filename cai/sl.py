@@ -9,6 +9,9 @@ on where a run was resumed.
 Batching: each phase of each round is one ``Engine.generate`` call over every example of
 the current chunk (continuous batching refills slots as answers of different lengths end).
 Chunks are written to the output as they finish; a restarted run skips finished records.
+Under ``torchrun`` the chunks are dealt to the ranks whole (``SLRunner.chunks``), so every
+chunk, and with it every seed and batch, is the one a single process makes: the records do
+not depend on the world size.
 
 Deliberate differences from the paper: an empty or degenerate revision keeps the previous
 answer (and is flagged) rather than training on it; an example whose every revision was
@@ -30,7 +33,7 @@ from cai.constitution import Constitution
 from cai.outputs import sha256_of
 from cai.prompts import PromptRecord
 from cai.records import ResumableJsonl
-from engine import Engine, SamplingParams, profiling
+from engine import Engine, SamplingParams, distributed, profiling
 
 
 @dataclass
@@ -109,12 +112,17 @@ class SLRunner:
                 "style": self.style, **asdict(self.cfg)}
 
     def run(self, prompts: list[PromptRecord], out: ResumableJsonl, progress=None) -> None:
-        # Chunks sit at fixed positions of the prompt list, so a resumed run makes the very
-        # chunks (and sampling seeds) of an uninterrupted one, even around a skipped example.
-        for start in range(0, len(prompts), self.cfg.chunk_size):
-            chunk = prompts[start : start + self.cfg.chunk_size]
+        for chunk in self.chunks(prompts):
             if any(p.id not in out.done for p in chunk):
                 out.append(self.run_chunk(chunk, progress))
+
+    def chunks(self, prompts: list[PromptRecord]) -> list[list[PromptRecord]]:
+        """This rank's chunks. Chunks sit at fixed positions of the whole prompt list and
+        are dealt to the ranks whole, so a resumed run, or a run on any number of ranks, makes
+        the very chunks (and sampling seeds) of an uninterrupted single-process one, even
+        around a skipped example."""
+        size = self.cfg.chunk_size
+        return distributed.shard([prompts[s : s + size] for s in range(0, len(prompts), size)])
 
     def _params(self, phase: str, round_: int, chunk: list[PromptRecord]) -> SamplingParams:
         key = f"{self.cfg.seed}:{phase}:{round_}:{chunk[0].id}"
@@ -146,8 +154,8 @@ class SLRunner:
 
     def _skip(self, p: PromptRecord, what: str, n: int, limit: int) -> None:
         self.skipped.append(p.id)
-        print(f"warning: skipping record {p.id!r} ({p.where or 'input'}): its {what} has {n} tokens, "
-              f"the model's context is {limit}", file=sys.stderr)
+        print(f"{distributed.tag()}warning: skipping record {p.id!r} ({p.where or 'input'}): "
+              f"its {what} has {n} tokens, the model's context is {limit}", file=sys.stderr)
 
     def run_chunk(self, chunk: list[PromptRecord], progress=None) -> list[dict]:
         """Answer, then R rounds of critique -> revision, for every example of the chunk."""

@@ -1,7 +1,9 @@
 """``cai sl``: the SL-CAI critique -> revision loop over a prompt set, written as JSON lines.
 
 Re-running the same command after an interruption continues where it stopped; finished
-records are kept, none is written twice.
+records are kept, none is written twice. Under ``torchrun --nproc-per-node N -m cai.cli sl
+...`` the chunks of prompts are dealt to N ranks, each writes its own shard beside --out,
+and rank 0 merges them into --out in the input order (the same records as one process).
 """
 from __future__ import annotations
 
@@ -25,14 +27,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import torch
     from tqdm import tqdm
 
     from cai.constitution import load_constitution
     from cai.outputs import check_file_output
     from cai.prompts import select_prompts
-    from cai.records import ResumableJsonl
     from cai.config import open_engine
+    from cai.shards import open_output
     from cai.sl import SLRunner, prompt_source
+    from engine import distributed
 
     cfg = config_from_args(SLConfig, args)
     check_file_output(args.out, inputs=(args.prompts, args.constitution), overwrite=args.overwrite)
@@ -41,12 +45,14 @@ def run(args) -> int:
     eng = open_engine(args, max_slots=cfg.max_slots)
     runner = SLRunner(eng, constitution, cfg)
     meta = {**runner.meta(), **prompt_source(args.prompts, prompts)}
-    with ResumableJsonl(args.out, meta, overwrite=args.overwrite) as out:
+    with open_output(args.out, meta, [p.id for p in prompts], overwrite=args.overwrite) as out:
         left = sum(p.id not in out.done for p in prompts)
         if out.count:
-            print(f"resuming {args.out}: {out.count} records done, {left} to go")
-        with tqdm(total=left, desc="sl-cai", unit="example") as bar:
+            distributed.say(f"resuming {args.out}: {out.count} records done, {left} to go")
+        mine = sum(p.id not in out.done for c in runner.chunks(prompts) for p in c)
+        with tqdm(total=mine, desc="sl-cai", unit="example", disable=not distributed.is_main()) as bar:
             runner.run(prompts, out, bar)
-        skipped = f"; skipped {len(runner.skipped)} that did not fit the context" if runner.skipped else ""
-        print(f"wrote {out.count} records to {args.out}{skipped}")
+    skipped = distributed.all_reduce_sum(torch.tensor([len(runner.skipped)])).item()
+    skipped = f"; skipped {skipped} that did not fit the context" if skipped else ""
+    distributed.say(f"wrote {out.count} records to {args.out}{skipped}")
     return 0

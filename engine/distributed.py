@@ -97,3 +97,26 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def tag() -> str:
+    """``"[rank k of w] "`` when running distributed, else ``""``: the prefix of every
+    warning or error a rank prints, so a failure names the rank it came from."""
+    return f"[rank {rank()} of {env_world()}] " if env_world() > 1 else ""
+
+
+def say(*args, **kwargs) -> None:
+    """``print`` on rank 0 only: progress and summaries come from one rank."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def rank_device(spec: str | None) -> str | None:
+    """The device of this rank: several ranks on one machine take a GPU each, so ``auto``
+    (with a GPU present) and ``cuda`` mean ``cuda:LOCAL_RANK``; anything else is kept."""
+    from engine.device import cuda_present
+
+    name = (spec or "auto").strip().lower()
+    if env_world() > 1 and name in ("auto", "cuda") and cuda_present():
+        return f"cuda:{local_rank()}"
+    return spec

@@ -9,7 +9,7 @@ from typing import Sequence, Union
 
 import torch
 
-from engine import loader
+from engine import distributed, loader
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InputError
 from engine.generate import Generator, RequestOutput
@@ -99,20 +99,21 @@ class Engine:
         *,
         progress: bool = False,
         max_slots: int | None = None,
-        keys: Sequence[int] | None = None,
+        sample_keys: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Sample continuations for every prompt; one RequestOutput per prompt, in order.
-        ``keys``: the index each prompt's random draws are keyed by (default: its position)."""
+        ``sample_keys``: what seeds each prompt's samples instead of its position (a rank
+        passes the prompts' positions in the whole list it has a share of)."""
         params = params or SamplingParams()
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         gen = Generator(self.model, self.tokenizer, max_slots or self.max_slots, static=self.static_decoder())
         bar = None
-        if progress:
+        if progress and distributed.is_main():  # one progress bar, from rank 0
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
         try:
-            return gen.run(ids, params, bar, keys)
+            return gen.run(ids, params, bar, None if sample_keys is None else list(sample_keys))
         finally:
             if bar is not None:
                 bar.close()

@@ -91,10 +91,13 @@ class Generator:
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-            keys: Sequence[int] | None = None) -> list[RequestOutput]:
-        """``keys``: the index each prompt's draws are keyed by (default: its position), so a
-        rank's share of a prompt list samples exactly what the whole list would."""
+            sample_keys: list[int] | None = None) -> list[RequestOutput]:
+        """``sample_keys``: the index each prompt's sample generators are seeded by (default:
+        its position), so a rank generating a share of a prompt list draws what one process
+        drawing the whole list draws for those prompts."""
         params.validate()
+        if sample_keys is not None and len(sample_keys) != len(prompts):
+            raise InputError(f"{len(sample_keys)} sample keys for {len(prompts)} prompts")
         if not prompts:
             return []
         ctx_limit = self.model.cfg.max_position_embeddings
@@ -116,7 +119,7 @@ class Generator:
         else:
             self.cache = KVCache(self.model.cfg, slots_needed, max_len, self.model.embed.dtype, self.model.device)
         self.params, self.seed = params, seed
-        self.keys = list(keys) if keys is not None else list(range(len(prompts)))
+        self.keys = list(range(len(prompts))) if sample_keys is None else list(sample_keys)
         self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
         self.progress = progress
         queue, active = deque(range(len(prompts))), []
