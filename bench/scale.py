@@ -69,7 +69,7 @@ def _generation(eng, args, distributed) -> float:
     eng.generate([ids[0]], SamplingParams(max_new_tokens=2, seed=1))  # warm-up
     distributed.barrier()
     t0 = _now()
-    outs = eng.generate([ids[i] for i in mine], params, keys=mine)
+    outs = eng.generate([ids[i] for i in mine], params, sample_keys=mine)
     local = sum(len(o.samples[0].token_ids) for o in outs)
     distributed.barrier()  # the slowest rank's end is the layout's end
     dt = _now() - t0
