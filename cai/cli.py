@@ -7,6 +7,8 @@ stage and ``cai STAGE --help`` documents its flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from cai.config import positive_int
@@ -45,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if not distributed.is_main():  # ranks other than 0 print nothing but warnings and errors (stderr)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.profile:
             from engine.profiling import Tracer

@@ -145,3 +145,27 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update(world2):
     assert len(raised) == 2
     for r in raised:  # both ranks raised at step 1, on the other rank's NaN too, weights untouched
         assert r.startswith("1: step 1: the loss (on 1 rank(s)) is ") and r.endswith("weights [1.0, 1.0, 1.0]"), r
+
+
+def test_cai_sft_under_torchrun_prints_once_and_trains_what_one_process_does(model, tmp_path):
+    """The command itself under torchrun: one summary line (rank 1's stdout is silent), and
+    the adapter of world 2 x grad_accum 1 equals world 1 x grad_accum 2 (LoRA dropout off:
+    with it on, each rank draws its own dropout masks)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Tell me about bread {i}"},
+        {"role": "assistant", "content": "Mix flour, water, yeast and salt, then bake."}]}) + "\n" for i in range(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    common = ["sft", "--model", str(model), "--data", str(data), "--epochs", "1", "--max-tokens-per-batch", "64",
+              "--lora-dropout", "0", "--no-progress"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cai", *common, "--out", str(tmp_path / "w2")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "cai", *common, "--grad-accum", "2", "--out", str(tmp_path / "w1")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert sum(line.startswith('{"out"') for line in two.stdout.splitlines()) == 1
+    assert_same_tensors(tmp_path / "w1" / "adapter", tmp_path / "w2" / "adapter")
+    assert_same_steps(metrics(tmp_path / "w1"), metrics(tmp_path / "w2"), ("loss", "lr", "grad_norm"))
