@@ -166,6 +166,6 @@ def test_cai_sft_under_torchrun_prints_once_and_trains_what_one_process_does(mod
     one = subprocess.run([sys.executable, "-m", "cai", *common, "--grad-accum", "2", "--out", str(tmp_path / "w1")],
                          env=env, capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert sum(line.startswith('{"out"') for line in two.stdout.splitlines()) == 1
+    assert two.stdout.count('{"out"') == 1
     assert_same_tensors(tmp_path / "w1" / "adapter", tmp_path / "w2" / "adapter")
     assert_same_steps(metrics(tmp_path / "w1"), metrics(tmp_path / "w2"), ("loss", "lr", "grad_norm"))
