@@ -60,6 +60,7 @@ from engine import Engine, SamplingParams, distributed, profiling
 from engine import lora
 from engine.batch import PackedBatch, pack
 from engine.errors import InputError
+from engine.generate import eos_ids, stop_window
 from engine.scoring import ScalarHead, hidden_states, token_logprobs
 from engine.train import OptimConfig, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -192,7 +193,7 @@ def response_end(tokens: list[int], eos: set[int], stops: list[str],
     at the token that completes its first stop string, which is kept (the policy learns to
     end its turn there); one with neither was cut by the length limit and keeps every token.
     The stop check reads the same window of recent tokens as the generator's."""
-    window = max((len(s) for s in stops), default=0) + 8
+    window = stop_window(stops)
     for i, t in enumerate(tokens):
         if t in eos or (stops and any(s in decode(tokens[max(0, i + 1 - window) : i + 1]) for s in stops)):
             return i + 1, True
@@ -206,19 +207,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, seq_of: torch.Tensor, num_s
     rewards, values, seq_of [N] (each sequence's tokens contiguous, in order) -> advantages,
     returns [N]. The value after a sequence's last token is 0 (the episode ends there).
     """
-    adv = torch.zeros_like(rewards)
+    # The recursion runs backwards token by token: on host floats (one copy each way)
+    # rather than as one tiny device op per token, which on a GPU is a launch per token.
     counts = torch.bincount(seq_of, minlength=num_seqs).tolist()
-    start = 0
+    r, v = rewards.tolist(), values.tolist()
+    adv, start = [0.0] * len(r), 0
     for n in counts:
-        r, v = rewards[start : start + n], values[start : start + n]
-        nxt = torch.cat([v[1:], v.new_zeros(1)])
-        delta = r + gamma * nxt - v
         running = 0.0
-        for t in range(n - 1, -1, -1):
-            running = delta[t] + gamma * lam * running
-            adv[start + t] = running
+        for t in range(start + n - 1, start - 1, -1):
+            nxt = v[t + 1] if t + 1 < start + n else 0.0
+            running = r[t] + gamma * nxt - v[t] + gamma * lam * running
+            adv[t] = running
         start += n
-    return adv, adv + values
+    adv_t = torch.tensor(adv, dtype=rewards.dtype, device=rewards.device)
+    return adv_t, adv_t + values
 
 
 def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -260,9 +262,7 @@ class PPOTrainer:
         self.ref_adapter = sft_adapter
         self.style = "chat" if getattr(engine.tokenizer, "chat_template", None) else "base"
         self.stops = prompting.stop_strings(self.style)
-        self.eos = set(self.model.cfg.eos_token_id)  # the generator's EOS set
-        if getattr(engine.tokenizer, "eos_token_id", None) is not None:
-            self.eos.add(engine.tokenizer.eos_token_id)
+        self.eos = eos_ids(self.model, engine.tokenizer)  # the generator's EOS set
         if "policy" not in lora.adapters(self.model):
             if sft_adapter is not None:
                 # copy_adapter draws an init that the copy then overwrites: keep that draw

@@ -72,6 +72,20 @@ class _Slot:
     gen: torch.Generator | None
 
 
+def eos_ids(model: Decoder, tokenizer) -> set[int]:
+    """The token ids that end a sample: the model config's EOS ids and the tokenizer's."""
+    eos = set(model.cfg.eos_token_id)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
+def stop_window(stops) -> int:
+    """How many recent tokens are decoded to look for a stop string: enough for the longest
+    one (a token decodes to at least one character) plus a few for merged tokens."""
+    return max((len(s) for s in stops), default=0) + 8
+
+
 class Generator:
     """Runs a batch of prompts through the model with continuous batching.
 
@@ -84,10 +98,7 @@ class Generator:
                  static: StaticDecoder | None = None):
         self.model, self.tok, self.static = model, tokenizer, static
         self.max_slots, self.max_prefill_tokens = max_slots, max_prefill_tokens
-        eos = set(model.cfg.eos_token_id)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos = eos
+        self.eos = eos_ids(model, tokenizer)
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], params: SamplingParams, progress=None,
@@ -123,7 +134,7 @@ class Generator:
         self.outputs = [RequestOutput(i, list(p), [None] * n) for i, p in enumerate(prompts)]
         self.progress = progress
         queue, active = deque(range(len(prompts))), []
-        self._stop_window = max((len(s) for s in params.stop), default=0) + 8
+        self._stop_window = stop_window(params.stop)
         while queue or active:
             self._admit(queue, active, prompts)
             self._decode(active)

@@ -53,10 +53,10 @@ class StaticDecoder:
         need_slots = bucket_for(slots)
         if c is None or c.num_slots < need_slots or c.max_len < max_len or c.dtype != dtype:
             ctx = self.model.cfg.max_position_embeddings
+            # max_len <= ctx, so rounding up within the context still holds it
             length = min(ctx, -(-max(max_len, c.max_len if c else 0) // MAX_LEN_ROUND) * MAX_LEN_ROUND)
-            self.graphs, self.outputs, self.cache = {}, {}, None
-            self.cache = KVCache(self.model.cfg, max(need_slots, c.num_slots if c else 0), max(length, max_len),
-                                 dtype, dev)
+            self.graphs, self.outputs = {}, {}
+            self.cache = KVCache(self.model.cfg, max(need_slots, c.num_slots if c else 0), length, dtype, dev)
             n = self.cache.num_slots
             self.tokens = torch.zeros(n, dtype=torch.int64, device=dev)
             self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
