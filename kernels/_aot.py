@@ -61,6 +61,7 @@ def _split(cfg: dict):
 
 def _attention_variants():
     attn = importlib.import_module("kernels.attention")
+    dec = importlib.import_module("kernels.decode_attention")
     stat = {"lse_ptr": "fp32", "delta_ptr": "fp32", "cu_ptr": "i32", "len_ptr": "i32"}
     for dtype in attn.ATTENTION_DTYPES:
         t, prec = _TL[dtype], attn.dot_precision(dtype)
@@ -76,12 +77,12 @@ def _attention_variants():
                             ("packed_bwd_dq", attn._packed_attention_bwd_dq_kernel)):
                 yield Variant(f"{name}/{t}/D{D}", k, stat, t, {**meta, **cfg}, w, s)
             for splits in (1, 8):  # 1 writes the output, more write float32 partials
-                cfg, w, s = _split(attn.decode_config(D, dtype, 4))
+                cfg, w, s = _split(dec.decode_config(D, dtype, 4))
                 ptrs = {**stat, "o_ptr": t if splits == 1 else "fp32"}
-                yield Variant(f"decode/{t}/D{D}/S{splits}", attn._decode_attention_fwd_kernel,
+                yield Variant(f"decode/{t}/D{D}/S{splits}", dec._decode_attention_fwd_kernel,
                               ptrs, t, {**meta, "SPLITS": splits, **cfg}, w, s)
-            cfg, w, s = _split(attn.decode_combine_config(8, D))
-            yield Variant(f"decode_combine/{t}/D{D}", attn._decode_attention_combine_kernel,
+            cfg, w, s = _split(dec.decode_combine_config(8, D))
+            yield Variant(f"decode_combine/{t}/D{D}", dec._decode_attention_combine_kernel,
                           {"part_ptr": "fp32", "lse_ptr": "fp32"}, t, {"SPLITS": 8, **cfg}, w, s)
 
 
@@ -132,7 +133,7 @@ def variants():
 def jit_kernels() -> set:
     """Names of every `@triton.jit` kernel in the package (the test checks coverage)."""
     names = set()
-    for mod in ("attention", "logprob", "ppo", "preference"):
+    for mod in ("attention", "decode_attention", "logprob", "ppo", "preference"):
         m = importlib.import_module(f"kernels.{mod}")
         names |= {n for n, f in vars(m).items() if isinstance(f, triton.runtime.JITFunction)}
     return names

@@ -35,8 +35,8 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs a CUDA device")]
 
 import kernels  # noqa: E402
-from kernels.attention import (decode_attention_reference, decode_attention_triton,  # noqa: E402
-                               packed_attention_reference)
+from kernels.attention import packed_attention_reference  # noqa: E402
+from kernels.decode_attention import decode_attention_reference, decode_attention_triton  # noqa: E402
 from kernels.logprob import linear_logprob_reference, logprob_reference  # noqa: E402
 from kernels.ppo import (kl_penalty_reference, ppo_policy_loss_reference,  # noqa: E402
                          ppo_value_loss_reference)

@@ -4,9 +4,10 @@
 import pytest
 import torch
 
-from kernels.attention import (_buckets, decode_attention_reference, decode_attention_torch,
-                               decode_attention_triton, packed_attention_reference,
-                               packed_attention_torch, packed_attention_triton)
+from kernels.attention import (_buckets, packed_attention_reference, packed_attention_torch,
+                               packed_attention_triton)
+from kernels.decode_attention import (decode_attention_reference, decode_attention_torch,
+                                      decode_attention_triton)
 
 ATOL, RTOL = 1e-5, 1e-4
 PACKED = {"triton": packed_attention_triton, "torch": packed_attention_torch}
@@ -134,7 +135,7 @@ def test_decode_attention_triton_splits(splits, lengths, Hq, Hkv, D, S):
 
 
 def test_decode_splits_fill_the_gpu_at_small_batch():
-    from kernels.attention import decode_splits
+    from kernels.decode_attention import decode_splits
 
     assert decode_splits(1, 8, 4096, 64) == 16  # batch 1: many splits of >= 4 tiles each
     assert decode_splits(1, 2, 65536, 64) == 32  # capped
