@@ -42,10 +42,17 @@ def check_file_output(path: str | os.PathLike, inputs: Iterable = (), overwrite:
         raise InputError(f"{p}: is a folder; the output here is a JSON lines file")
     _check_parents(p)
     _check_not_input(p, inputs)
-    if not overwrite and p.is_file() and p.stat().st_size and not meta_path(p).is_file():
-        raise InputError(f"{p}: exists and was not written by cai (no {meta_path(p).name} beside it); "
-                         "choose another output, or --overwrite to replace it")
+    if not overwrite:
+        refuse_foreign(p)
     return p
+
+
+def refuse_foreign(p: Path) -> None:
+    """Settings are pinned before the first record lands, so a non-empty file without a
+    sidecar was not written by cai: nothing in it is cut or appended to."""
+    if p.is_file() and p.stat().st_size and not meta_path(p).is_file():
+        raise InputError(f"{p}: exists and was not written by cai (no {meta_path(p).name} beside it); "
+                         "choose another output path, or --overwrite to replace it")
 
 
 def check_dir_output(path: str | os.PathLike, inputs: Iterable = ()) -> Path:

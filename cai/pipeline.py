@@ -32,6 +32,7 @@ import yaml
 
 from cai.config import Source, build_config, load_engine, read_yaml
 from cai.label import LabelConfig
+from cai.outputs import meta_path
 from cai.ppo import PPOConfig
 from cai.sft import SFTConfig
 from cai.sl import SLConfig
@@ -181,7 +182,7 @@ class Pipeline:
                 p.unlink()
         for f in self._shards():
             f.unlink()
-            f.with_name(f.name + ".meta.json").unlink(missing_ok=True)
+            meta_path(f).unlink(missing_ok=True)
 
     def _read_state(self) -> dict:
         path = self.out / "state.json"

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from cai.outputs import meta_path, refuse_foreign
 from engine.errors import InputError
 
 
@@ -27,7 +28,7 @@ class ResumableJsonl:
 
     def __init__(self, path: str | os.PathLike, meta: dict, key: str = "id", overwrite: bool = False):
         self.path, self.key = Path(path), key
-        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.meta_path = meta_path(self.path)
         if overwrite:
             self.path.unlink(missing_ok=True)
             self.meta_path.unlink(missing_ok=True)
@@ -35,7 +36,7 @@ class ResumableJsonl:
         self.meta = json.loads(json.dumps(meta))  # normalise tuples etc. for comparison
         self.done: set = set()
         self.count = 0
-        self._refuse_foreign()
+        refuse_foreign(self.path)
         if self.path.exists():
             self._repair_and_index()
         if self.count:
@@ -52,13 +53,6 @@ class ResumableJsonl:
                 "use the same settings to resume, or another output path (or --overwrite)"
             )
 
-    def _refuse_foreign(self) -> None:
-        # Settings are pinned before the first record lands, so a non-empty file without a
-        # sidecar was not written by cai: nothing in it is cut or appended to.
-        if self.path.is_file() and self.path.stat().st_size and not self.meta_path.exists():
-            raise InputError(f"{self.path}: exists and was not written by cai (no {self.meta_path.name} beside it); "
-                             "choose another output path, or --overwrite to replace it")
-
     def _pin(self) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.meta, indent=2))
@@ -66,18 +60,11 @@ class ResumableJsonl:
         self._pinned = True
 
     def _repair_and_index(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):  # a record cut off mid-write: drop it, it will be made again
+        records, end, size = complete_records(self.path)
+        if end != size:  # a record cut off mid-write: drop it, it will be made again
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        for lineno, line in enumerate(decode_text(data[:end], self.path).split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{self.path}:{lineno}: not valid JSON ({exc.msg}); not resuming over it") from exc
+        for rec in records:
             self.done.add(rec[self.key])
             self.count += 1
 
@@ -101,6 +88,22 @@ class ResumableJsonl:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def complete_records(path: Path) -> tuple[list[dict], int, int]:
+    """(the complete records of a JSON lines file a stage writes, the bytes they span, the
+    file's size): a last line cut off by a kill is not a record."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    records = []
+    for lineno, line in enumerate(decode_text(data[:end], path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg}); not resuming over it") from exc
+    return records, end, len(data)
 
 
 def read_text(path: str | os.PathLike, label: str | None = None) -> str:

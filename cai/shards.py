@@ -22,7 +22,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from cai.records import ResumableJsonl, decode_text, read_text
+from cai.outputs import meta_path
+from cai.records import ResumableJsonl, complete_records, read_text
 from engine import distributed as dist
 from engine.errors import InputError
 
@@ -39,24 +40,9 @@ def shard_files(path: Path) -> list[Path]:
     return sorted(found, key=lambda q: tuple(int(x) for x in _SHARD.search(q.name).groups())[::-1])
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".meta.json")
-
-
 def _records(path: Path) -> list[dict]:
     """The complete records of a JSON lines file (a line cut off by a kill is ignored)."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]
-    out = []
-    for lineno, line in enumerate(decode_text(data, path).split("\n"), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg}); not resuming over it") from exc
-    return out
+    return complete_records(path)[0] if path.is_file() else []
 
 
 def open_output(path: str | os.PathLike, meta: dict, order: Sequence[str], key: str = "id",
@@ -82,7 +68,7 @@ class ShardedJsonl:
         self.meta = json.loads(json.dumps(meta))
         if overwrite and dist.is_main():
             path.unlink(missing_ok=True)
-            _sidecar(path).unlink(missing_ok=True)
+            meta_path(path).unlink(missing_ok=True)
             _remove_shards(path)
         dist.barrier()  # nobody opens a file rank 0 is still removing
         self.own = ResumableJsonl(shard_path(path, dist.rank(), dist.world()), meta, key=key)
@@ -96,7 +82,7 @@ class ShardedJsonl:
     def _read_checked(self, path: Path) -> list[dict]:
         records = _records(path)
         if records:
-            old = json.loads(read_text(_sidecar(path))) if _sidecar(path).is_file() else None
+            old = json.loads(read_text(meta_path(path))) if meta_path(path).is_file() else None
             if old != self.meta:
                 diff = sorted(k for k in set(old or {}) | set(self.meta) if (old or {}).get(k) != self.meta.get(k))
                 what = ", ".join(diff) or "no settings file"
@@ -139,9 +125,9 @@ def merge_shards(path: Path, meta: dict, order: Sequence[str], key: str = "id") 
             seen.setdefault(rec[key], rec)
     rank = {k: i for i, k in enumerate(order)}
     records = sorted(seen.values(), key=lambda r: rank.get(r[key], len(rank)))
-    tmp_meta = _sidecar(path).with_suffix(".tmp")
+    tmp_meta = meta_path(path).with_suffix(".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, _sidecar(path))
+    os.replace(tmp_meta, meta_path(path))
     tmp = path.with_name(path.name + ".merge.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
@@ -156,4 +142,4 @@ def merge_shards(path: Path, meta: dict, order: Sequence[str], key: str = "id") 
 def _remove_shards(path: Path) -> None:
     for s in shard_files(path):
         s.unlink(missing_ok=True)
-        _sidecar(s).unlink(missing_ok=True)
+        meta_path(s).unlink(missing_ok=True)
