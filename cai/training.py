@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from cai.outputs import remove_partial
-from cai.records import iter_jsonl
+from cai.records import complete_records
 from engine import distributed, profiling
 from engine.batch import PackedBatch
 from engine.errors import InputError
@@ -231,20 +231,13 @@ def check_pinned(ckpt: Path, pinned: dict) -> None:
 
 
 def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
-    """Keep the metric lines up to ``step``, so a resumed run never logs a step twice.
-
-    A line cut off by a kill mid-write is dropped first, as ``ResumableJsonl`` drops one;
-    the complete lines are read with the datasets' reader (``iter_jsonl``), which names the
-    file and line of anything else that is not JSON.
+    """Keep the metric lines up to ``step``, so a resumed run never logs a step twice. A
+    line cut off by a kill mid-write is not a record (``complete_records``, the rule
+    ``ResumableJsonl`` resumes by); anything else that is not JSON is named by file and line.
     """
     if not path.is_file():
         return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):  # the last record of a killed run, cut off mid-write
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    keep = [rec for _, rec in iter_jsonl(path) if rec[key] <= step] if data[:end].strip() else []
+    keep = [rec for rec in complete_records(path)[0] if rec[key] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
     tmp.replace(path)
