@@ -78,6 +78,7 @@ _GENERATING = {"max_new_tokens": SIZE, "temperature": ge(0.0), "top_p": TOP_P, "
 
 
 def _table() -> dict[str, dict[str, Callable]]:
+    from cai.config import DTYPES
     from engine.lora import TARGETS
 
     return {
@@ -105,7 +106,7 @@ def _table() -> dict[str, dict[str, Callable]]:
             "helpful_fraction": PROB, "missing_eos_penalty": Range(hi=0.0)},
         "EvalConfig": {**_GENERATING, "redteam": nonempty, "benign": nonempty, "limit": COUNT,
                        "principles_per_comparison": SIZE, "samples": COUNT, "attack_prompts": COUNT},
-        "RunConfig": {"model": nonempty, "device": _device, "dtype": OneOf(("auto", "float32", "bfloat16", "float16")),
+        "RunConfig": {"model": nonempty, "device": _device, "dtype": OneOf(DTYPES),
                       "constitution": nonempty, "redteam_prompts": nonempty, "helpful_prompts": nonempty,
                       "sl_prompts": SIZE, "helpful_samples": COUNT, "label_prompts": SIZE,
                       "label_helpful_prompts": COUNT, "rl": OneOf(("ppo", "dpo"))},
