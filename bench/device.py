@@ -41,31 +41,29 @@ def add_device_args(ap, model: bool = True) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    return torch.device(name)
+    """``--device`` as the engine reads it (``engine.device``); a bad one ends the run."""
+    from engine.device import resolve_device as resolve
+    from engine.errors import InputError
+
+    try:
+        return resolve(name)
+    except InputError as exc:
+        raise SystemExit(f"--device {name}: {exc}") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, float32 on the CPU (bfloat16 matmuls are slow on most CPUs)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The engine's ``auto`` dtype there: bfloat16 on CUDA, float32 on the CPU."""
+    from engine.device import resolve_dtype
+
+    return resolve_dtype("auto", device)
 
 
 def load_engine(model: str, device: torch.device):
-    """The engine on ``device``. The one place a benchmark passes its device to the engine:
-    an ``Engine.load`` that takes ``device`` and ``dtype`` gets them; one that does not can
-    only run on the CPU."""
-    import inspect
-
+    """The engine on ``device`` in its default dtype: the one place a benchmark passes its
+    device to the engine."""
     from engine import Engine
 
-    if "device" in inspect.signature(Engine.load).parameters:
-        return Engine.load(model, device=str(device), dtype=default_dtype(device))
-    if device.type != "cpu":
-        raise SystemExit(f"--device {device}: this engine loads models on the CPU only")
-    return Engine.load(model)
+    return Engine.load(model, device=device, dtype=default_dtype(device))
 
 
 def peaks(device: torch.device) -> dict | None:
