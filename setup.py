@@ -13,7 +13,10 @@ setup(
     package_data={"cai": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.4",  # any recent torch, CUDA build included; scripts/env.sh pins the CPU build
-        "transformers>=5.0",
+        # 5.25 made the hub's own "kernels" distribution a requirement and imports it when it is
+        # installed; its import name is this package's kernels/, so transformers then fails to
+        # import ("cannot import name 'CUDAProperties' from 'kernels'").
+        "transformers>=5.0,<5.25",
         "tokenizers",
         "safetensors",
         "gguf",

