@@ -51,10 +51,19 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora = None
+        self.fast = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = self.base(x)
         return y if self.lora is None else self.lora(x, y)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T (+ b)``. ``fast`` is ``None`` or an inference-only stand-in for it (a
+        prepacked or quantised copy of the frozen weight, a callable ``x -> y``); it serves
+        only forwards that record no gradient, so training always reads ``weight``."""
+        if self.fast is not None and not torch.is_grad_enabled():
+            return self.fast(x)
+        return linear(x, self.weight, self.bias)
 
 
 class KVCache:
@@ -215,6 +224,7 @@ class Decoder(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.register_buffer("inv_freq", cfg.inv_freq().float(), persistent=False)
+        self.head_fast = None
 
     @property
     def device(self) -> torch.device:
@@ -235,7 +245,10 @@ class Decoder(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, V]."""
+        """hidden [N, H] -> logits [N, V]. ``head_fast``, like ``Linear.fast``, is an
+        inference-only stand-in for the head's product (None: read ``lm_head_weight``)."""
+        if self.head_fast is not None and not torch.is_grad_enabled():
+            return self.head_fast(hidden)
         return linear(hidden, self.lm_head_weight)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
