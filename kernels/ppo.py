@@ -24,7 +24,12 @@ Precision: inputs are cast to float32 and every per-token value (ratio, KL, loss
 gradient coefficient) and every reduction is float32; results come back in the input's
 dtype (float32 for the engine's float32 log-probs and values).
 
-Minimum traffic (Triton): 5 reads of [N] (logprob, old, advantages, weight, mask) and one
+Truncated importance sampling: an optional per-token weight ``iw`` (data, no gradient)
+multiplies each token's clipped policy loss, l' = iw * l; ``truncated_is_weights`` builds
+iw = min(exp(old_logprob - sampler_logprob), cap).
+
+Minimum traffic (Triton): 5 reads of [N] (logprob, old, advantages, weight, mask; a 6th
+with importance weights) and one
 [N] write of the gradient coefficient, ~20 FLOPs per token: purely memory-bound.
 """
 from typing import NamedTuple
@@ -110,10 +115,12 @@ def _ppo_policy_fwd_kernel(
     old_ptr,  # [N] float32 old_logprob
     adv_ptr,  # [N] float32 advantages
     w_ptr,  # [N] float32 reduction weights (0 where masked out)
+    iw_ptr,  # [N] float32 importance weights (read only when HAS_IW)
     dlp_ptr,  # [N] float32 out: dloss / dlogprob
-    part_ptr,  # [num_blocks, 3] float32 out: sums of w*loss, w*clipped, w*approx_kl
+    part_ptr,  # [num_blocks, 3] float32 out: sums of w*iw*loss, w*clipped, w*approx_kl
     N,
     clip_eps,
+    HAS_IW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -129,9 +136,13 @@ def _ppo_policy_fwd_kernel(
     clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_eps), 1.0 + clip_eps)
     take_unclipped = unclipped >= clipped
     loss = tl.where(take_unclipped, unclipped, clipped)
-    tl.store(dlp_ptr + offs, tl.where(take_unclipped, unclipped, 0.0) * w, mask=inb)
     approx_kl = (ratio - 1.0) - log_ratio
-    tl.store(part_ptr + pid * 3 + 0, tl.sum(w * loss, 0))
+    if HAS_IW:
+        w_loss = w * tl.load(iw_ptr + offs, mask=inb, other=0.0)
+    else:
+        w_loss = w
+    tl.store(dlp_ptr + offs, tl.where(take_unclipped, unclipped, 0.0) * w_loss, mask=inb)
+    tl.store(part_ptr + pid * 3 + 0, tl.sum(w_loss * loss, 0))
     tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.where(take_unclipped, 0.0, w), 0))
     tl.store(part_ptr + pid * 3 + 2, tl.sum(w * approx_kl, 0))
 
@@ -185,16 +196,17 @@ def _kl_torch(lp, ref, kind):
     return (r - 1.0) - log_r, 1.0 - r
 
 
-def _policy_torch(lp, old, adv, w, eps):
+def _policy_torch(lp, old, adv, w, eps, iw=None):
     log_ratio = lp - old
     ratio = log_ratio.exp()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps, 1.0 + eps)
     take = unclipped >= clipped
     loss = torch.where(take, unclipped, clipped)
-    dlp = torch.where(take, unclipped, 0.0).mul_(w)
+    w_loss = w if iw is None else w * iw
+    dlp = torch.where(take, unclipped, 0.0).mul_(w_loss)
     approx_kl = (ratio - 1.0).sub_(log_ratio)
-    sums = torch.stack([(w * loss).sum(), w.sum() - (w * take).sum(), (w * approx_kl).sum()])
+    sums = torch.stack([(w_loss * loss).sum(), w.sum() - (w * take).sum(), (w * approx_kl).sum()])
     return dlp, sums
 
 
@@ -214,13 +226,13 @@ def launch_config() -> dict:
     return dict(BLOCK=_BLOCK, num_warps=4, num_stages=1)
 
 
-def _launch(kernel, n_parts, *args, eps):
+def _launch(kernel, n_parts, *args, eps, **constexprs):
     N = args[0].shape[0]
     grid = (triton.cdiv(N, _BLOCK),)
     dx = torch.empty_like(args[0])
     parts = torch.zeros(grid[0], n_parts, device=args[0].device, dtype=torch.float32)
     with launch_device(*args):
-        kernel[grid](*args, dx, parts, N, float(eps), **launch_config())
+        kernel[grid](*args, dx, parts, N, float(eps), **constexprs, **launch_config())
     return dx, parts.sum(0)
 
 
@@ -281,13 +293,15 @@ def kl_penalty_reference(logprob, ref_logprob, kind="k1"):
 
 def _policy_impl(impl):
     def run(logprob, old_logprob, advantages, mask, *, clip_eps=0.2, reduction="token",
-            cu_seqlens=None):
+            cu_seqlens=None, is_weight=None):
         lp, old, adv = _flat(logprob, old_logprob, advantages)
         w = token_weights(mask, reduction, cu_seqlens)
+        iw = None if is_weight is None else _flat(lp, is_weight)[1]
         if impl == "triton":
-            dlp, sums = _launch(_ppo_policy_fwd_kernel, 3, lp, old, adv, w, eps=clip_eps)
+            dlp, sums = _launch(_ppo_policy_fwd_kernel, 3, lp, old, adv, w, w if iw is None else iw,
+                                eps=clip_eps, HAS_IW=iw is not None)
         else:
-            dlp, sums = _policy_torch(lp, old, adv, w, clip_eps)
+            dlp, sums = _policy_torch(lp, old, adv, w, clip_eps, iw)
         loss = _Fused.apply(logprob, dlp.to(logprob.dtype), sums[0].to(logprob.dtype))
         return PolicyLossOutput(loss, sums[1], sums[2])
     run.__name__ = f"ppo_policy_loss_{impl}"
@@ -310,14 +324,17 @@ def _value_impl(impl):
 
 
 def ppo_policy_loss_reference(logprob, old_logprob, advantages, mask, *, clip_eps=0.2,
-                              reduction="token", cu_seqlens=None):
+                              reduction="token", cu_seqlens=None, is_weight=None):
     """Unfused PyTorch, as PPO implementations usually write it."""
     w = token_weights(mask, reduction, cu_seqlens).to(logprob.dtype)
     log_ratio = logprob - old_logprob
     ratio = torch.exp(log_ratio)
     losses1 = -advantages * ratio
     losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = (torch.max(losses1, losses2) * w).sum()
+    per_token = torch.max(losses1, losses2)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach().to(logprob.dtype)
+    loss = (per_token * w).sum()
     clip_frac = ((losses2 > losses1).to(w.dtype) * w).sum().detach()
     approx_kl = (((ratio - 1) - log_ratio) * w).sum().detach()
     return PolicyLossOutput(loss, clip_frac, approx_kl)
@@ -353,13 +370,29 @@ def kl_penalty(logprob, ref_logprob, kind="k1"):
 
 
 def ppo_policy_loss(logprob, old_logprob, advantages, mask, *, clip_eps=0.2, reduction="token",
-                    cu_seqlens=None) -> PolicyLossOutput:
+                    cu_seqlens=None, is_weight=None) -> PolicyLossOutput:
     """Clipped PPO policy loss over [N] tokens; "sequence" reduction needs cu_seqlens [B+1].
     Ratios, per-token losses, reduction weights and the sums (loss, clip_frac, approx_kl)
-    in float32; loss returned in `logprob`'s dtype, the metrics in float32."""
+    in float32; loss returned in `logprob`'s dtype, the metrics in float32.
+
+    ``is_weight`` [N] (optional): per-token importance weights that multiply each token's
+    clipped surrogate (and its gradient), e.g. ``truncated_is_weights`` when the rollout
+    sampled from a policy other than the one the old log-probs are taken under. Data: no
+    gradient flows to it; clip_frac and approx_kl are not weighted by it."""
     return _POLICY[backend("ppo_policy_loss", logprob.device)](
         logprob, old_logprob, advantages, mask, clip_eps=clip_eps, reduction=reduction,
-        cu_seqlens=cu_seqlens)
+        cu_seqlens=cu_seqlens, is_weight=is_weight)
+
+
+def truncated_is_weights(old_logprob, sampler_logprob, cap=2.0):
+    """Truncated importance sampling weights [N] (float32, detached):
+    ``min(exp(old_logprob - sampler_logprob), cap)``, the correction of a policy loss whose
+    tokens were drawn by a sampler that differs slightly from the learner (e.g. quantised
+    rollout weights). Returns (weights, truncated [N] bool: where the cap applied)."""
+    if not (cap > 0):
+        raise ValueError(f"cap must be > 0, got {cap}")
+    ratio = (old_logprob.detach().float() - sampler_logprob.detach().float()).exp()
+    return ratio.clamp(max=cap), ratio > cap
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, reduction="token",

@@ -7,7 +7,7 @@ import torch
 from kernels.ppo import (kl_penalty_reference, kl_penalty_torch, kl_penalty_triton,
                          ppo_policy_loss_reference, ppo_policy_loss_torch,
                          ppo_policy_loss_triton, ppo_value_loss_reference, ppo_value_loss_torch,
-                         ppo_value_loss_triton)
+                         ppo_value_loss_triton, truncated_is_weights)
 
 ATOL, RTOL = 1e-5, 1e-4
 KL = {"triton": kl_penalty_triton, "torch": kl_penalty_torch}
@@ -128,3 +128,61 @@ def test_kl_estimators_agree_on_their_expectation():
         torch.testing.assert_close(kl_penalty_torch(lp, ref_lp, kind).mean(), true_kl,
                                    atol=0.01, rtol=0.0)
     assert (kl_penalty_torch(lp, ref_lp, "k3") >= 0).all()
+
+
+def test_truncated_is_weights_by_hand():
+    """w = min(exp(old - sampler), cap): ratios 1, e^0.5, e^-1 and e^1 (cut to the cap 2)."""
+    old = torch.tensor([-1.0, -0.5, -2.0, -0.2])
+    sampler = torch.tensor([-1.0, -1.0, -1.0, -1.2])
+    w, cut = truncated_is_weights(old, sampler, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.6487213, 0.3678794, 2.0]))
+    assert cut.tolist() == [False, False, False, True]
+    with pytest.raises(ValueError):
+        truncated_is_weights(old, sampler, cap=0.0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_policy_loss_is_weight_by_hand(impl):
+    """Two tokens, token mean: loss = (iw_0 l_0 + iw_1 l_1) / 2, with l the clipped surrogate;
+    the metrics are not weighted."""
+    lp = torch.tensor([0.0, 0.5], requires_grad=True)
+    old = torch.tensor([0.0, 0.0])
+    adv = torch.tensor([1.0, -1.0])
+    iw = torch.tensor([0.5, 2.0])
+    out = POLICY[impl](lp, old, adv, torch.ones(2), clip_eps=0.2, is_weight=iw)
+    # token 0: ratio 1, l = -1. token 1: ratio e^0.5 = 1.6487, A < 0: max(1.6487, 1.2) = 1.6487
+    r1 = torch.tensor(0.5).exp().item()
+    torch.testing.assert_close(out.loss, torch.tensor((0.5 * -1.0 + 2.0 * r1) / 2))
+    assert float(out.clip_frac) == 0.0  # neither token took the clipped branch
+    torch.testing.assert_close(out.approx_kl, torch.tensor(((r1 - 1) - 0.5) / 2))
+    out.loss.backward()
+    # d/dlp of -A rho is -A rho: token 0 -> -1 * 0.5 / 2, token 1 -> r1 * 2 / 2
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.25, r1]))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_policy_loss_is_weight_one_is_the_plain_loss(impl, reduction):
+    lp, old, adv, mask, cu = _batch(CASES["odd"], seed=8)
+    plain = POLICY[impl](lp, old, adv, mask, reduction=reduction, cu_seqlens=cu)
+    ones = POLICY[impl](lp, old, adv, mask, reduction=reduction, cu_seqlens=cu, is_weight=torch.ones_like(lp))
+    for a, b in zip(plain, ones):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", ["odd", "large"])
+def test_policy_loss_is_weight_against_reference(impl, case):
+    """Loss and gradient with random TIS weights against the float64 reference."""
+    lp, old, adv, mask, cu = _batch(CASES[case], seed=9)
+    iw, _ = truncated_is_weights(old, old + 0.3 * torch.randn(len(old), generator=torch.Generator().manual_seed(2)))
+    x = lp.clone().requires_grad_()
+    xd = lp.double().requires_grad_()
+    out = POLICY[impl](x, old, adv, mask, reduction="sequence", cu_seqlens=cu, is_weight=iw)
+    ref = ppo_policy_loss_reference(xd, old.double(), adv.double(), mask, reduction="sequence",
+                                    cu_seqlens=cu, is_weight=iw.double())
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.double(), r.detach(), atol=ATOL, rtol=RTOL)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, atol=ATOL, rtol=RTOL)
