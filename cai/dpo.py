@@ -31,7 +31,7 @@ from cai.outputs import atomic_folder
 from cai.pairs import EncodedPair, PreferencePair, as_pairs, encode_pairs, group_weights, pair_batches, pair_labels
 from cai.training import LoopSettings, my_share, reduce_sums, steps_per_epoch, summary, train_loop
 from engine import distributed, lora, profiling
-from engine.batch import PackedBatch
+from engine.batch import PackedBatch, SharedBatch
 from engine.errors import InputError
 from engine.lora import LoraConfig
 from engine.scoring import sequence_logprobs
@@ -56,7 +56,13 @@ class DPOConfig:
     epochs: int = 1
     """Passes over the pairs; DPO overfits preference data quickly, one epoch is the usual."""
     max_tokens_per_batch: int = 4096
-    """Token budget of one packed micro-batch, both sequences of every pair counted."""
+    """Token budget of one packed micro-batch: the tokens its forward runs over, both
+    sequences of every pair (with share_prompt, their common prefix once)."""
+    share_prompt: bool = True
+    """Run each pair's shared prompt (its longest common prefix) through the model once,
+    both answers attending to it, in the training steps and the reference pass; the
+    log-probs and gradients are those of the two whole sequences. Off: each sequence is
+    packed whole."""
     format: str = "auto"
     """Conversation format: "chat" (the template), "text" (Human:/Assistant:) or "auto"."""
     shuffle: bool = True
@@ -88,13 +94,15 @@ class DPOConfig:
             raise InputError("format must be 'auto', 'chat' or 'text'")
 
 
-def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int) -> torch.Tensor:
+def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int, *,
+                       share_prompt: bool = True) -> torch.Tensor:
     """Summed response log-probs under base + ``adapter`` (None: the bare base), [N, 2]
-    float32: column 0 chosen, 1 rejected."""
+    float32: column 0 chosen, 1 rejected. ``share_prompt``: each pair's common prefix runs
+    once (``DPOConfig.share_prompt``)."""
     parts = []
     batches = pair_batches(encoded, range(len(encoded)), max_tokens, shuffle=False, seed=0,
                            max_seqlen=model.cfg.max_position_embeddings, names=[f"pair {i}" for i in range(len(encoded))],
-                           device=model.device)
+                           device=model.device, share_prompt=share_prompt)
     with lora.use_adapter(model, adapter), torch.inference_mode():
         for b in batches:
             parts.append((b.index[0::2], sequence_logprobs(model, b).float().view(-1, 2)))
@@ -104,14 +112,16 @@ def reference_logprobs(model, encoded: Sequence[EncodedPair], adapter: str | Non
     return out
 
 
-def shared_reference(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int) -> torch.Tensor:
+def shared_reference(model, encoded: Sequence[EncodedPair], adapter: str | None, max_tokens: int, *,
+                     share_prompt: bool = True) -> torch.Tensor:
     """``reference_logprobs`` of every pair, each rank computing its share (every
     ``world``-th pair) and all of them gathered, so the one forward over the data is split
     like the training steps rather than repeated on every rank."""
     if not distributed.active():
-        return reference_logprobs(model, encoded, adapter, max_tokens)
+        return reference_logprobs(model, encoded, adapter, max_tokens, share_prompt=share_prompt)
     mine = distributed.shard(list(range(len(encoded))))
-    part = reference_logprobs(model, [encoded[i] for i in mine], adapter, max_tokens).cpu().tolist()
+    part = reference_logprobs(model, [encoded[i] for i in mine], adapter, max_tokens,
+                              share_prompt=share_prompt).cpu().tolist()
     out = torch.empty(len(encoded), 2, device=model.device)
     for idx, rows in distributed.all_gather_objects((mine, part)):  # host lists from every rank
         if idx:
@@ -134,11 +144,11 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
         raise InputError(f"the engine already has an adapter {cfg.adapter!r}; train DPO under another name")
     encoded = encode_pairs(engine, pairs, cfg.format)
     with profiling.phase("cai.dpo.reference"):
-        ref = shared_reference(model, encoded, sft_adapter, cfg.max_tokens_per_batch)
+        ref = shared_reference(model, encoded, sft_adapter, cfg.max_tokens_per_batch, share_prompt=cfg.share_prompt)
     all_pairs, names = list(range(len(pairs))), [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, all_pairs, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
-        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
+        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device, share_prompt=cfg.share_prompt)
     steps = steps_per_epoch(len(epoch_batches(0)), cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     ad = (lora.copy_adapter(model, sft_adapter, cfg.adapter) if sft_adapter is not None
@@ -160,7 +170,7 @@ def train_dpo(engine, records: Sequence[dict | PreferencePair], cfg: DPOConfig, 
     return {**summary(log, trainer.step), "pairs": len(pairs)}
 
 
-def _targets(pairs: list[PreferencePair], batch: PackedBatch, cfg: DPOConfig) -> torch.Tensor | None:
+def _targets(pairs: list[PreferencePair], batch: PackedBatch | SharedBatch, cfg: DPOConfig) -> torch.Tensor | None:
     """p' of each pair [P], or None (hard labels: the kernel applies the smoothing)."""
     if not cfg.soft_labels:
         return None
@@ -171,7 +181,7 @@ def _targets(pairs: list[PreferencePair], batch: PackedBatch, cfg: DPOConfig) ->
 def _step_fn(model, trainer: Trainer, pairs: list[PreferencePair], ref: torch.Tensor, cfg: DPOConfig):
     keys = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected")
 
-    def step(group: list[PackedBatch]) -> dict:
+    def step(group: list[PackedBatch | SharedBatch]) -> dict:
         sums = dict.fromkeys(keys, 0.0)
         for b, w in my_share(list(zip(group, group_weights(group)))):  # weights over the whole group
             with profiling.phase("engine.train.forward"):

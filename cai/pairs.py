@@ -4,7 +4,11 @@ A pair is a prompt, a chosen and a rejected response, and ``p_chosen``: the labe
 probability that the chosen response is the better one (``cai label`` writes soft labels in
 [0.5, 1]; a file without the field holds hard labels, p = 1). Each pair becomes two
 sequences, prompt + chosen and prompt + rejected, packed side by side into the *same*
-batch (rows 2i and 2i+1), so one forward scores both and no sequence is ever padded.
+batch (rows 2i and 2i+1), so one forward scores both and no sequence is ever padded. With
+``share_prompt`` (the default of both stages) the pair's common prefix (the conversation,
+and any first tokens the two answers share) is in the batch once
+(``engine.batch.pack_shared``): its forward runs once per pair, and the scores and
+gradients are those of the two whole sequences.
 
 The conversation is encoded exactly as SFT encodes it (``cai.sft.encode``): through the
 chat template when the tokenizer has one, else as a ``Human:/Assistant:`` transcript; the
@@ -30,7 +34,7 @@ import torch
 
 from cai.sft import encode, use_chat
 from cai.records import iter_jsonl
-from engine.batch import PackedBatch, group_by_tokens, pack
+from engine.batch import PackedBatch, SharedBatch, group_by_tokens, pack, pack_shared, shared_tokens
 from engine.errors import InputError
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
@@ -60,6 +64,11 @@ class EncodedPair(NamedTuple):
     @property
     def num_tokens(self) -> int:
         return len(self.chosen) + len(self.rejected)
+
+    @property
+    def shared_tokens(self) -> int:
+        """Tokens of the pair in a shared-prompt batch: the common prefix once."""
+        return shared_tokens([self.chosen, self.rejected])
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -151,31 +160,38 @@ def encode_pairs(engine, pairs: Sequence[PreferencePair], fmt: str = "auto") -> 
     return out
 
 
-def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int], device=None) -> PackedBatch:
+def pack_pairs(encoded: Sequence[EncodedPair], which: Sequence[int], device=None, *,
+               share_prompt: bool = False) -> PackedBatch | SharedBatch:
     """Pairs ``which`` -> one batch: sequence 2k is pair k's chosen, 2k+1 its rejected;
-    ``index`` names the pair of each sequence."""
-    seqs, masks, index = [], [], []
+    ``index`` names the pair of each sequence. ``share_prompt``: a ``SharedBatch`` holding
+    each pair's common prefix once (else a ``PackedBatch`` of the whole sequences)."""
+    index = [i for i in which for _ in range(2)]
+    if share_prompt:
+        return pack_shared([[encoded[i].chosen, encoded[i].rejected] for i in which],
+                           [[encoded[i].chosen_mask, encoded[i].rejected_mask] for i in which], index, device=device)
+    seqs, masks = [], []
     for i in which:
         e = encoded[i]
         seqs += [e.chosen, e.rejected]
         masks += [e.chosen_mask, e.rejected_mask]
-        index += [i, i]
     return pack(seqs, masks, index, device=device)
 
 
 def pair_batches(encoded: Sequence[EncodedPair], subset: Sequence[int], max_tokens: int, *, shuffle: bool,
-                 seed: int, max_seqlen: int, names: Sequence[str], device=None) -> list[PackedBatch]:
-    """The pairs ``subset`` grouped by a token budget (both sequences of a pair count)."""
+                 seed: int, max_seqlen: int, names: Sequence[str], device=None,
+                 share_prompt: bool = False) -> list[PackedBatch | SharedBatch]:
+    """The pairs ``subset`` grouped by a token budget: the tokens the forward runs over,
+    both sequences of a pair (with ``share_prompt``, their common prefix counted once)."""
     for i in subset:
         n = max(len(encoded[i].chosen), len(encoded[i].rejected))
         if n > max_seqlen:
             raise InputError(f"{names[i]}: {n} tokens, longer than the model's context of {max_seqlen}")
-    groups = group_by_tokens([encoded[i].num_tokens for i in subset], max_tokens, shuffle=shuffle, seed=seed,
-                             names=[names[i] for i in subset])
-    return [pack_pairs(encoded, [subset[k] for k in g], device) for g in groups]
+    cost = [encoded[i].shared_tokens if share_prompt else encoded[i].num_tokens for i in subset]
+    groups = group_by_tokens(cost, max_tokens, shuffle=shuffle, seed=seed, names=[names[i] for i in subset])
+    return [pack_pairs(encoded, [subset[k] for k in g], device, share_prompt=share_prompt) for g in groups]
 
 
-def pair_labels(pairs: Sequence[PreferencePair], batch: PackedBatch) -> torch.Tensor:
+def pair_labels(pairs: Sequence[PreferencePair], batch: PackedBatch | SharedBatch) -> torch.Tensor:
     """p_chosen of each pair in ``batch`` [P] (float32)."""
     return torch.tensor([pairs[i].p_chosen for i in batch.index[0::2].tolist()], dtype=torch.float32,
                         device=batch.tokens.device)
@@ -194,7 +210,7 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 # ---- the optimizer loop ---------------------------------------------------------------------
 
-def group_weights(group: list[PackedBatch]) -> list[float]:
+def group_weights(group: list[PackedBatch | SharedBatch]) -> list[float]:
     """Each micro-batch's share of the group's pairs: scales its pair-mean loss so the
     accumulated gradient is that of the mean over the whole group."""
     total = sum(b.num_seqs for b in group)

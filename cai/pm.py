@@ -32,7 +32,7 @@ from cai.outputs import atomic_folder
 from cai.training import LoopSettings, my_share, reduce_sums, steps_per_epoch, summary, train_loop
 from cai.sft import use_chat
 from engine import distributed, lora, profiling
-from engine.batch import PackedBatch, group_by_tokens, pack
+from engine.batch import PackedBatch, SharedBatch, group_by_tokens, pack, pack_shared, shared_tokens
 from engine.errors import InputError
 from engine.lora import LoraConfig
 from engine.scoring import ScalarHead, hidden_states
@@ -50,7 +50,12 @@ class PMConfig:
     quickly, and calibration degrades before accuracy does.
     """
     max_tokens_per_batch: int = 4096
-    """Token budget of one packed micro-batch, both sequences of every pair counted."""
+    """Token budget of one packed micro-batch: the tokens its forward runs over, both
+    sequences of every pair (with share_prompt, their common prefix once)."""
+    share_prompt: bool = True
+    """Run each pair's shared prompt (its longest common prefix) through the model once,
+    both answers attending to it, in training and the held-out scoring; the rewards and
+    gradients are those of the two whole sequences. Off: each sequence is packed whole."""
     heldout_fraction: float = 0.1
     """Pairs kept out of training to measure accuracy and calibration (a seeded split)."""
     soft_labels: bool = True
@@ -113,30 +118,43 @@ class RewardModel:
             raise InputError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
 
-    def score_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    def score_ids(self, sequences: Sequence[Sequence[int]], *, group: int = 1) -> torch.Tensor:
         """Rewards of token-id sequences [B], packed into batches of at most
-        ``max_tokens_per_batch`` tokens (a longer sequence goes alone)."""
+        ``max_tokens_per_batch`` tokens (a longer sequence goes alone). ``group`` > 1: each
+        run of ``group`` consecutive sequences (a pair's answers, a prompt's samples; the
+        last run may be shorter) shares its common prefix, whose forward runs once."""
         lengths = [len(s) for s in sequences]
         limit = self.engine.model.cfg.max_position_embeddings
         for i, n in enumerate(lengths):
             if not 0 < n <= limit:
                 raise InputError(f"score: sequence {i} has {n} tokens (the model takes 1..{limit})")
+        if group < 1:
+            raise InputError(f"score: group must be >= 1 (got {group})")
         out = torch.empty(len(sequences), dtype=torch.float32, device=self.engine.model.device)
-        budget = max([self.max_tokens_per_batch, *lengths])
-        for g in group_by_tokens(lengths, budget):
-            out[g] = self.score_packed(pack([sequences[i] for i in g], index=g, device=self.engine.model.device))
+        device = self.engine.model.device
+        if group == 1:
+            budget = max([self.max_tokens_per_batch, *lengths])
+            for g in group_by_tokens(lengths, budget):
+                out[g] = self.score_packed(pack([sequences[i] for i in g], index=g, device=device))
+            return out
+        runs = [list(range(k, min(k + group, len(sequences)))) for k in range(0, len(sequences), group)]
+        cost = [shared_tokens([sequences[i] for i in r]) for r in runs]
+        for g in group_by_tokens(cost, max([self.max_tokens_per_batch, *cost])):
+            rows = [i for k in g for i in runs[k]]
+            out[rows] = self.score_packed(pack_shared([[sequences[i] for i in runs[k]] for k in g], index=rows,
+                                                      device=device))
         return out
 
-    def score_packed(self, batch: PackedBatch) -> torch.Tensor:
+    def score_packed(self, batch: PackedBatch | SharedBatch) -> torch.Tensor:
         """Rewards of a packed batch's sequences [B] float32 (each read at its last token)."""
         with lora.use_adapter(self.engine.model, self.adapter), torch.inference_mode():
             r = rewards(self.engine.model, self.head, batch).float()
         return r.clone()  # a normal tensor: callers may use it outside inference_mode
 
 
-def rewards(model, head: ScalarHead, batch: PackedBatch) -> torch.Tensor:
+def rewards(model, head: ScalarHead, batch: PackedBatch | SharedBatch) -> torch.Tensor:
     """The head on each sequence's last hidden state [B], with the active adapter."""
-    return head.last_token(hidden_states(model, batch), batch.cu_seqlens)
+    return head(hidden_states(model, batch).index_select(0, batch.last_rows))
 
 
 def new_head(model, seed: int) -> ScalarHead:
@@ -165,7 +183,7 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
     names = [p.where for p in pairs]
     epoch_batches = lambda e: pair_batches(  # noqa: E731
         encoded, train_idx, cfg.max_tokens_per_batch, shuffle=cfg.shuffle, seed=cfg.seed + e,
-        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device)
+        max_seqlen=model.cfg.max_position_embeddings, names=names, device=model.device, share_prompt=cfg.share_prompt)
     steps = steps_per_epoch(len(epoch_batches(0)), cfg.optim.grad_accum) * cfg.epochs
     optim = replace(cfg.optim, total_steps=cfg.optim.total_steps or steps)
     head, ad = new_head(model, cfg.seed), lora.add_adapter(model, cfg.adapter, cfg.lora, seed=cfg.seed)
@@ -184,7 +202,8 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
         for p in params.values():
             p.requires_grad_(False)
     rm = RewardModel(engine, head, cfg.adapter, use_chat(engine, cfg.format), cfg.max_tokens_per_batch)
-    report = evaluate(rm, [encoded[i] for i in held_idx], [pairs[i].p_chosen for i in held_idx], cfg.calibration_bins)
+    report = evaluate(rm, [encoded[i] for i in held_idx], [pairs[i].p_chosen for i in held_idx], cfg.calibration_bins,
+                      share_prompt=cfg.share_prompt)
     if out is not None and distributed.is_main():
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         save_reward_model(rm, out / "reward", {"heldout": {k: v for k, v in report.items() if k != "reliability"}})
@@ -193,7 +212,7 @@ def train_pm(engine, records: Sequence[dict | PreferencePair], cfg: PMConfig, ou
 
 
 def _step_fn(model, head: ScalarHead, trainer: Trainer, pairs: list[PreferencePair], soft: bool):
-    def step(group: list[PackedBatch]) -> dict:
+    def step(group: list[PackedBatch | SharedBatch]) -> dict:
         sums = dict.fromkeys(("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"), 0.0)
         for b, w in my_share(list(zip(group, group_weights(group)))):  # weights over the whole group
             with profiling.phase("engine.train.forward"):
@@ -211,12 +230,13 @@ def _step_fn(model, head: ScalarHead, trainer: Trainer, pairs: list[PreferencePa
 
 # ---- evaluation ---------------------------------------------------------------------------
 
-def evaluate(rm: RewardModel, encoded: Sequence[EncodedPair], p_chosen: Sequence[float], bins: int = 5) -> dict:
+def evaluate(rm: RewardModel, encoded: Sequence[EncodedPair], p_chosen: Sequence[float], bins: int = 5, *,
+             share_prompt: bool = True) -> dict:
     """Held-out accuracy, margin and calibration of the PM (``calibration``); {"pairs": 0}
-    when nothing is held out."""
+    when nothing is held out. ``share_prompt``: each pair's common prefix runs once."""
     if not encoded:
         return {"pairs": 0}
-    r = rm.score_ids([s for e in encoded for s in (e.chosen, e.rejected)])
+    r = rm.score_ids([s for e in encoded for s in (e.chosen, e.rejected)], group=2 if share_prompt else 1)
     return calibration(r[0::2], r[1::2], torch.tensor(p_chosen, device=r.device), bins)
 
 

@@ -6,6 +6,9 @@ tokens attend is described by an attention context:
 - ``Packed``: B whole sequences laid end to end (``cu_seqlens[B+1]``), causal inside each,
   no padding anywhere. Training, scoring and prompt prefill use it; given a KV cache and a
   slot per token, it also writes the keys and values there.
+- ``Shared``: groups of sequences that share a prefix, the prefix in the stream once
+  (``engine.batch.SharedBatch``): preference pairs score both answers after one forward
+  of their conversation.
 - ``Decode``: one new token for each of the first B cache slots, attending to that slot's
   cached prefix. Generation uses it for every step after the prefill.
 
@@ -116,6 +119,23 @@ class Packed:
             self.cache.k[layer][self.slots, :, pos] = k
             self.cache.v[layer][self.slots, :, pos] = v
         return kernels.packed_attention(q, k, v, self.cu_seqlens, self.max_seqlen, scale)
+
+
+@dataclass
+class Shared:
+    """Sequences whose common prefix is in the stream once (``engine.batch.pack_shared``).
+    ``gather`` [T'] lists the stream rows of every sequence as a whole (prefix, then its
+    continuation), ``cu_seqlens`` [S+1] int32 / ``max_seqlen`` delimit those, and ``pick``
+    [T] names the row of that layout whose output each stream token takes: each
+    continuation attends to its prefix and causally to itself, the prefix causally."""
+
+    gather: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    pick: torch.Tensor
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        return kernels.shared_prefix_attention(q, k, v, self.gather, self.cu_seqlens, self.max_seqlen, self.pick, scale)
 
 
 @dataclass

@@ -7,7 +7,7 @@ Each op picks its implementation from its inputs' device, once per (op, device t
 and `<op>_reference` with the public signature, to call one implementation directly.
 """
 from ._dispatch import IMPLS, OPS, backend, override, validate_env
-from .attention import packed_attention
+from .attention import packed_attention, shared_prefix_attention
 from .decode_attention import decode_attention
 from .logprob import linear_logprob, logprob
 from .ppo import PolicyLossOutput, ValueLossOutput, kl_penalty, ppo_policy_loss, ppo_value_loss
@@ -21,5 +21,5 @@ __all__ = [
     "logprob", "linear_logprob",
     "kl_penalty", "ppo_policy_loss", "ppo_value_loss", "PolicyLossOutput", "ValueLossOutput",
     "option_probs", "sum_option_logprobs", "bt_loss", "dpo_loss", "PairLossOutput",
-    "packed_attention", "decode_attention",
+    "packed_attention", "shared_prefix_attention", "decode_attention",
 ]

@@ -415,6 +415,24 @@ _PACKED = {"triton": packed_attention_triton, "torch": packed_attention_torch,
            "reference": packed_attention_reference}
 
 
+def shared_prefix_attention(q, k, v, gather, cu_seqlens, max_seqlen: int, pick, scale: float | None = None):
+    """Causal attention for sequences that share prefixes held once in the stream.
+
+    q [T, Hq, D], k/v [T, Hkv, D]: a stream where some rows (a group's prefix) belong to
+    several sequences. ``gather`` [T'] int64 lays every sequence out whole (rows of the
+    stream), ``cu_seqlens`` [S+1] / ``max_seqlen`` delimit those sequences, ``pick`` [T]
+    int64 names the row of that layout each stream row's output comes from -> out
+    [T, Hq, D]. A continuation thus attends to its prefix's keys and values (computed once,
+    as every projection and MLP of the prefix is) and causally to itself.
+
+    It runs ``packed_attention`` (the op dispatched per device: Triton on CUDA, SDPA
+    buckets on the CPU) over the whole sequences, so only the attention itself repeats the
+    prefix's queries, once per continuation; the gradient of a prefix row's key and value
+    sums over every sequence reading it (index_select's backward)."""
+    sel = lambda x: x.index_select(0, gather)  # noqa: E731
+    return packed_attention(sel(q), sel(k), sel(v), cu_seqlens, max_seqlen, scale).index_select(0, pick)
+
+
 def packed_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
     """Causal attention within each packed sequence; q [T, Hq, D], k/v [T, Hkv, D],
     cu_seqlens [B+1] int32, max_seqlen = max length (host int) -> out [T, Hq, D].
