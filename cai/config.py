@@ -292,6 +292,10 @@ def add_model_flags(p: argparse.ArgumentParser, help_: str = "the shared base mo
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each decode step as a captured CUDA graph; --no-cuda-graphs "
                         "decodes eagerly (no effect on the CPU) (default: on)")
+    p.add_argument("--rollout-weights", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="what generation reads on the CPU: fp32 (the weights), fp16 (fp16 copies of the "
+                        "base's linears and head, half the bytes a decode step reads) or int8 (the head as "
+                        "int8 too); scoring and training always read fp32 (default: fp32)")
 
 
 def load_engine(model: str, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = True, **kw):
@@ -305,6 +309,7 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", cuda_grap
 
 def open_engine(args: argparse.Namespace, model: str | None = None, **kw):
     """The engine of ``args.model`` (or ``model``, e.g. a feedback model) on ``args``' device."""
+    kw.setdefault("rollout_weights", getattr(args, "rollout_weights", "fp32"))
     return load_engine(model or args.model, args.device, args.dtype, args.cuda_graphs, **kw)
 
 

@@ -65,6 +65,7 @@ def gt(lo):
 PROB = Range(0.0, 1.0)
 TOP_P = Range(0.0, 1.0, open_lo=True)
 STYLE = OneOf(("auto", "chat", "base"))
+ROLLOUT_WEIGHTS = ("fp32", "fp16", "int8")  # engine.quant.MODES (not imported: this module stays light)
 FORMAT = OneOf(("auto", "chat", "text"))
 COUNT, SIZE = ge(0), ge(1)
 FEWSHOT = ge(-1)  # -1: the style's default
@@ -103,10 +104,11 @@ def _table() -> dict[str, dict[str, Callable]]:
             "vf_coef": ge(0.0), "entropy_coef": ge(0.0), "kl_coef": ge(0.0), "kl_estimator": OneOf(("k1", "k2", "k3")),
             "target_kl": gt(0.0), "kl_horizon": SIZE, "gamma": PROB, "lam": PROB, "reward_clip": ge(0.0),
             "lr": gt(0.0), "max_grad_norm": ge(0.0), "max_slots": SIZE, "checkpoint_every": SIZE,
-            "helpful_fraction": PROB, "missing_eos_penalty": Range(hi=0.0)},
+            "helpful_fraction": PROB, "missing_eos_penalty": Range(hi=0.0), "tis_cap": ge(1.0)},
         "EvalConfig": {**_GENERATING, "redteam": nonempty, "benign": nonempty, "limit": COUNT,
                        "principles_per_comparison": SIZE, "samples": COUNT, "attack_prompts": COUNT},
         "RunConfig": {"model": nonempty, "device": _device, "dtype": OneOf(DTYPES),
+                      "rollout_weights": OneOf(ROLLOUT_WEIGHTS),
                       "constitution": nonempty, "redteam_prompts": nonempty, "helpful_prompts": nonempty,
                       "sl_prompts": SIZE, "helpful_samples": COUNT, "label_prompts": SIZE,
                       "label_helpful_prompts": COUNT, "rl": OneOf(("ppo", "dpo"))},

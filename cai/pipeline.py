@@ -79,6 +79,10 @@ class RunConfig:
     """Weight dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, float32 on the CPU)."""
     cuda_graphs: bool = True
     """On CUDA, replay each decode step as a captured CUDA graph; false decodes eagerly."""
+    rollout_weights: str = "fp32"
+    """What generation reads on the CPU: fp32 (the weights), fp16 (fp16 copies of the base's
+    linears and head: half the bytes per decode step) or int8 (the head as int8 too); scoring
+    and training always read fp32, and PPO corrects for the gap (see engine.quant)."""
     constitution: str = "default"
     """'default', our YAML, an open-recipe JSON, or a folder of the paper's files."""
     redteam_prompts: str = "redteam"
@@ -135,7 +139,7 @@ class Pipeline:
         self.resolved = yaml.safe_dump(json.loads(json.dumps(asdict(self.cfg))), sort_keys=False)
         if not overwrite:
             self._check_config()
-        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs)
+        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs, rollout_weights=cfg.rollout_weights)
         self.con = load_constitution(cfg.constitution)
         # only once the model and constitution loaded, so a typo loses nothing
         if overwrite and distributed.is_main():

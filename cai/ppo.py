@@ -25,7 +25,10 @@ reference, value and reward models); the value head shares the policy's trunk an
 (a separate value model would be a fourth forward per step); old log-probs are recomputed
 in one packed forward rather than taken from the sampler, so the importance ratio starts at
 exactly 1 whatever the sampler's numerics (their largest gap to the sampler's log-probs is
-reported each iteration as ``sampler_lp_gap``); responses end at stop strings as well as at
+reported each iteration as ``sampler_lp_gap``; when the engine samples from fp16/int8 rollout
+weights, the policy loss is also weighted per token by the truncated importance weight
+min(pi_old / pi_sampler, ``tis_cap``), and ``tis_truncated`` is the share of tokens the cap
+bounded); responses end at stop strings as well as at
 EOS (TRL ends them at one stop token).
 
 Data parallel (under ``torchrun``): each rank rolls out, scores and takes reference and
@@ -126,6 +129,11 @@ class PPOConfig:
     """Concurrent sequences in the rollout generator."""
     checkpoint_every: int = 1
     """Iterations between checkpoints."""
+    tis_cap: float = 2.0
+    """When the engine samples from fp16/int8 rollout weights (``rollout_weights``), each
+    token's policy loss is weighted by min(pi_old / pi_sampler, tis_cap), the truncated
+    importance weight between the full-precision old policy and the sampler that drew it
+    (TIS); with fp32 rollouts the weight is 1 and nothing is applied. Must be >= 1."""
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -133,6 +141,8 @@ class PPOConfig:
                              f"are taken at it), got {self.temperature}")
         if not 0.0 <= self.helpful_fraction <= 1.0:
             raise InputError(f"ppo helpful_fraction must be in [0, 1], got {self.helpful_fraction}")
+        if not (math.isfinite(self.tis_cap) and self.tis_cap >= 1.0):
+            raise InputError(f"ppo tis_cap must be a finite number >= 1, got {self.tis_cap}")
         if not (math.isfinite(self.missing_eos_penalty) and self.missing_eos_penalty <= 0):
             raise InputError(f"ppo missing_eos_penalty must be a finite number <= 0 (a penalty; 0 is off), "
                              f"got {self.missing_eos_penalty}")
@@ -169,6 +179,8 @@ class Rollout(NamedTuple):
     truncated   [B] bool: the response hit the length limit before EOS or a stop string
     penalty     [B] the missing-EOS penalty added to each score (0 where it ended)
     ids         [B] each sequence's position among the iteration's prompts (over all ranks)
+    is_weights  [N] truncated importance weights old / sampler (``tis_cap``) when the sampler
+                read other weights than the learner (fp16/int8 rollouts), else None
     """
 
     batch: PackedBatch
@@ -185,6 +197,7 @@ class Rollout(NamedTuple):
     truncated: torch.Tensor
     penalty: torch.Tensor
     ids: list[int]
+    is_weights: torch.Tensor | None = None
 
 
 def response_end(tokens: list[int], eos: set[int], stops: list[str],
@@ -366,6 +379,9 @@ class PPOTrainer:
             old_lp = token_logprobs(self.model, batch, temp, hidden=hidden)[batch.target_rows]
             values = self.value_head(hidden.index_select(0, batch.target_rows))
         sampler_lp = old_lp.new_tensor([x for lp, n in zip(samples.logprobs, kept) for x in lp[:n]])
+        iw = None
+        if getattr(self.eng, "rollout_weights", "fp32") != "fp32":  # the sampler read other weights
+            iw = kernels.truncated_is_weights(old_lp, sampler_lp, self.cfg.tis_cap)[0]
         dev = self.model.device
         seq_of = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor(kept, device=dev))
         rewards = -self.kl.value * kernels.kl_penalty(old_lp, ref_lp, kind=self.cfg.kl_estimator)
@@ -375,7 +391,7 @@ class PPOTrainer:
         if self.cfg.whiten_advantages:
             adv = whiten(adv)
         return Rollout(batch, seqs, masks, old_lp, sampler_lp, ref_lp, values, adv, ret, seq_of, scores,
-                       truncated, penalty, list(ids) if ids is not None else list(range(len(seqs))))
+                       truncated, penalty, list(ids) if ids is not None else list(range(len(seqs))), iw)
 
     # ---- update -------------------------------------------------------------------------
     def update(self, ro: Rollout, lengths: dict[int, int] | None = None) -> dict:
@@ -419,7 +435,9 @@ class PPOTrainer:
         rows = batch.target_rows
         lp, ent = lp[rows], ent[rows]
         ones = torch.ones_like(lp)
-        pol = kernels.ppo_policy_loss(lp, ro.old_lp[sel], ro.advantages[sel], ones, clip_eps=self.cfg.clip_eps)
+        iw = None if ro.is_weights is None else ro.is_weights[sel]
+        pol = kernels.ppo_policy_loss(lp, ro.old_lp[sel], ro.advantages[sel], ones, clip_eps=self.cfg.clip_eps,
+                                      is_weight=iw)
         val = kernels.ppo_value_loss(values, ro.values[sel], ro.returns[sel], ones, clip_eps=self.cfg.value_clip_eps)
         share = len(lp) / tokens if tokens else 1.0  # this rank's part of the minibatch's token mean
         loss = pol.loss + self.cfg.vf_coef * val.loss - self.cfg.entropy_coef * ent.mean()
@@ -460,6 +478,7 @@ class PPOTrainer:
                 "response_len": kept / n, "truncated": sum(s["truncated"] for s in seqs.values()),
                 "eos_penalty": sum(s["penalty"] for s in seqs.values()),
                 "sampler_lp_gap": max((s["gap"] for s in seqs.values()), default=0.0),
+                "tis_truncated": None if ro.is_weights is None else float((ro.is_weights >= self.cfg.tis_cap).float().mean()),
                 **train,
                 "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2, "iteration_s": t3 - t0,
                 "tokens_per_s": n_tokens * (1 + self.cfg.ppo_epochs) / (t3 - t0),

@@ -7,7 +7,8 @@ The YAML file (and --set) may set any field of the run and of each stage's secti
 (sl, sft, label, pm, ppo, dpo, eval); an unknown key is an error naming it. Run the same
 command again after an interruption and it resumes at the stage and record where it stopped;
 every setting is checked before the model loads, and --overwrite starts the folder over.
---device, --dtype and --no-cuda-graphs are short for --set device=..., dtype=..., cuda_graphs=false.
+--device, --dtype, --rollout-weights and --no-cuda-graphs are short for --set device=..., dtype=...,
+rollout_weights=..., cuda_graphs=false.
 
     torchrun --nproc-per-node 2 -m cai.cli run --preset demo --out runs/demo
 
@@ -32,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", help="weight dtype: auto, float32, bfloat16 or float16 (same as --set dtype=...)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="decode eagerly on CUDA (same as --set cuda_graphs=false)")
+    p.add_argument("--rollout-weights", choices=("fp32", "fp16", "int8"),
+                   help="what generation reads on the CPU (same as --set rollout_weights=...)")
     p.add_argument("--overwrite", action="store_true",
                    help="start the run folder over: remove what an earlier run with other settings wrote there")
     p.set_defaults(func=run)
@@ -57,7 +60,8 @@ def run(args) -> int:
 
 def set_items(args) -> list[str]:
     """``--set`` items, with --device / --dtype / --no-cuda-graphs as the last (winning) ones."""
-    items = list(args.set) + [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
+    items = list(args.set) + [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype),
+                                                             ("rollout_weights", args.rollout_weights)) if v]
     return items + (["cuda_graphs=false"] if args.cuda_graphs is False else [])
 
 

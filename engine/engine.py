@@ -24,27 +24,50 @@ class Engine:
     """A loaded model and its tokenizer.
 
     Attributes: ``model`` (the Decoder), ``tokenizer``, ``source`` (where it was loaded from),
-    ``cuda_graphs`` (decode replays CUDA graphs when the model is on CUDA; ignored on the CPU).
+    ``cuda_graphs`` (decode replays CUDA graphs when the model is on CUDA; ignored on the CPU),
+    ``rollout_weights`` (what ``generate`` reads: ``fp32``, the weights themselves, or ``fp16``
+    / ``int8`` copies of the base's linears and head, see ``engine.quant``; set it with
+    ``set_rollout_weights``).
     """
 
-    def __init__(self, model: Decoder, tokenizer, source: str = "", max_slots: int = 32, cuda_graphs: bool = True):
+    def __init__(self, model: Decoder, tokenizer, source: str = "", max_slots: int = 32, cuda_graphs: bool = True,
+                 rollout_weights: str = "fp32"):
         self.model, self.tokenizer, self.source = model, tokenizer, str(source)
         self.max_slots, self.cuda_graphs = max_slots, cuda_graphs
         self._static: StaticDecoder | None = None
+        self._rollout = None
+        self._stand_ins: dict = {}  # mode -> engine.quant.RolloutWeights, kept once built
+        self.set_rollout_weights(rollout_weights)
+
+    @property
+    def rollout_weights(self) -> str:
+        return self._rollout.mode
+
+    def set_rollout_weights(self, mode: str) -> None:
+        """``fp32``, ``fp16`` or ``int8`` (the last two on the CPU only): what generation reads
+        from now on. Scoring and training always read the weights themselves. A mode's
+        stand-ins are built at its first generate call and kept (they rebuild themselves
+        when the weights change)."""
+        from engine.quant import RolloutWeights
+
+        if mode not in self._stand_ins:
+            self._stand_ins[mode] = RolloutWeights(self.model, mode)
+        self._rollout = self._stand_ins[mode]
 
     @classmethod
     def load(cls, model: str = "default", *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-             max_slots: int = 32, cuda_graphs: bool = True) -> "Engine":
+             max_slots: int = 32, cuda_graphs: bool = True, rollout_weights: str = "fp32") -> "Engine":
         """Load ``default`` (the embedded SmolLM2-135M-Instruct), a checkpoint folder or a GGUF file.
 
         ``device``: "auto" (the first CUDA device when there is one, else the CPU), "cpu",
         "cuda", "cuda:N" or a torch.device. ``dtype``: "auto" (bfloat16 on CUDA, float32 on
         the CPU), "float32", "bfloat16", "float16" or a torch.dtype. ``cuda_graphs``: decode
         steps on CUDA replay a captured graph per batch-size bucket (False: eager decode).
+        ``rollout_weights``: ``fp32``, ``fp16`` or ``int8`` (see the class docstring).
         """
         dev = resolve_device(device)
         decoder, tokenizer, source = loader.load(model, resolve_dtype(dtype, dev), dev)
-        return cls(decoder, tokenizer, source, max_slots, cuda_graphs)
+        return cls(decoder, tokenizer, source, max_slots, cuda_graphs, rollout_weights)
 
     @property
     def cfg(self):
@@ -113,7 +136,8 @@ class Engine:
 
             bar = tqdm(total=len(ids) * params.n, desc="generate", unit="sample")
         try:
-            return gen.run(ids, params, bar, None if sample_keys is None else list(sample_keys))
+            with self._rollout.installed():
+                return gen.run(ids, params, bar, None if sample_keys is None else list(sample_keys))
         finally:
             if bar is not None:
                 bar.close()

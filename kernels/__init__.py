@@ -10,7 +10,7 @@ from ._dispatch import IMPLS, OPS, backend, override, validate_env
 from .attention import packed_attention, shared_prefix_attention
 from .decode_attention import decode_attention
 from .logprob import linear_logprob, logprob
-from .ppo import PolicyLossOutput, ValueLossOutput, kl_penalty, ppo_policy_loss, ppo_value_loss
+from .ppo import PolicyLossOutput, ValueLossOutput, kl_penalty, ppo_policy_loss, ppo_value_loss, truncated_is_weights
 from .preference import (PairLossOutput, bt_loss, dpo_loss, option_probs,
                          sum_option_logprobs)
 
@@ -19,7 +19,7 @@ validate_env()  # a bad CAI_KERNELS fails at import rather than mid-run
 __all__ = [
     "IMPLS", "OPS", "backend", "override",
     "logprob", "linear_logprob",
-    "kl_penalty", "ppo_policy_loss", "ppo_value_loss", "PolicyLossOutput", "ValueLossOutput",
+    "kl_penalty", "ppo_policy_loss", "ppo_value_loss", "truncated_is_weights", "PolicyLossOutput", "ValueLossOutput",
     "option_probs", "sum_option_logprobs", "bt_loss", "dpo_loss", "PairLossOutput",
     "packed_attention", "shared_prefix_attention", "decode_attention",
 ]
