@@ -166,12 +166,32 @@ def parse(argv):
     ap.add_argument("--tiny", action="store_true", help="a seconds-long run: dummy:tiny unless --model is given")
     ap.add_argument("--no-vllm", action="store_true", help="leave vLLM out even when it is importable")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--rollout-weights", default=None,
+                    help="comma-separated engine rollout weights to time beside fp32 (engine.quant: fp16, int8; "
+                         "default on the CPU: fp16,int8; 'none' for fp32 alone); each row reports its speed-up "
+                         "over the fp32 engine and its greedy agreement with it")
     args = ap.parse_args(argv)
     if args.tiny and args.model == "default":
         args.model = "dummy:tiny"
     args.batch_sizes = args.batch_sizes or ("1,2" if args.tiny else "1,8,32")
     args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
+    if args.rollout_weights is None:
+        args.rollout_weights = "fp16,int8" if dev.resolve_device(args.device).type == "cpu" else "none"
+    args.rollout_weights = [] if args.rollout_weights == "none" else args.rollout_weights.split(",")
+    from engine.quant import MODES
+
+    bad = [m for m in args.rollout_weights if m not in MODES or m == "fp32"]
+    if bad:
+        ap.error(f"--rollout-weights: unknown {', '.join(bad)} (choose from fp16, int8, or none)")
     return args
+
+
+def greedy_agreement(ids: list[list[int]], ref: list[list[int]]) -> float:
+    """Share of ``ref``'s greedy tokens that ``ids`` reproduces before its first difference
+    (per row, pooled): 1 is the same text, and a row that differs at token t agrees on t."""
+    same = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+               for a, b in zip(ids, ref))
+    return same / max(sum(len(r) for r in ref), 1)
 
 
 def measure(eng, peers, b: int, new_tokens: int, device, dtype, peak) -> tuple[dict, list, tuple]:
@@ -188,6 +208,17 @@ def measure(eng, peers, b: int, new_tokens: int, device, dtype, peak) -> tuple[d
     res["engine"] = dev.achieved(nbytes, flops, e_s, peak, dtype)
     res["hf"] = dev.achieved(nbytes, flops, h_s, peak, dtype)
     row = [b, e_tps, h_tps, e_tps / h_tps, e_mb, h_mb]
+    for mode in peers.get("rollout_weights", []):
+        eng.set_rollout_weights(mode)
+        try:
+            q_s, q_mb, q_ids = run_engine(eng, prompts, new_tokens, device)
+        finally:
+            eng.set_rollout_weights("fp32")
+        q_tps = b * new_tokens / q_s
+        res[f"engine_{mode}_tok_s"] = round(q_tps, 2)
+        res[f"engine_{mode}_vs_fp32"] = round(q_tps / e_tps, 2)
+        res[f"engine_{mode}_agreement"] = round(greedy_agreement(q_ids, e_ids), 3)
+        res[f"engine_{mode}_peak_mb"] = round(q_mb, 1)
     if isinstance(peers.get("vllm"), VLLM):
         v_s = peers["vllm"].run(prompts, new_tokens, device)
         res["vllm_tok_s"] = round(b * new_tokens / v_s, 2)
@@ -204,7 +235,12 @@ def main(argv=None) -> dict:
     eng = dev.load_engine(args.model, device)
     dtype = eng.model.embed.dtype
     tmp = tempfile.TemporaryDirectory()
-    peers = {"hf": load_hf(eng, dtype, device), "vllm": None if args.no_vllm else load_vllm(eng, dtype, device, tmp.name)}
+    peers = {"hf": load_hf(eng, dtype, device), "vllm": None if args.no_vllm else load_vllm(eng, dtype, device, tmp.name),
+             "rollout_weights": args.rollout_weights}
+    for mode in args.rollout_weights:  # build and warm each set of stand-ins once
+        eng.set_rollout_weights(mode)
+        run_engine(eng, chat_prompts(2), 4, device)
+    eng.set_rollout_weights("fp32")
     run_engine(eng, chat_prompts(2), 4, device)  # warm both paths up once
     run_hf(*peers["hf"], chat_prompts(2), 4, device)
     peak = dev.peaks(device)
@@ -230,6 +266,11 @@ def main(argv=None) -> dict:
         print(f"bandwidth {fl['bandwidth_gbs']:.1f} GB/s -> batch-1 floor {fl['floor_tok_s_b1']:.1f} tok/s; "
               f"GEMM {fl['gflops']:.0f} GFLOP/s -> compute ceiling {fl['compute_ceiling_tok_s']:.0f} tok/s")
     print_table(["batch", "engine tok/s", "hf tok/s", "ratio", "engine peak MB", "hf peak MB", "vllm tok/s"], rows)
+    if args.rollout_weights:
+        print("rollout weights (engine.quant): tok/s, x the fp32 engine, greedy agreement with it")
+        print_table(["batch"] + [f"{m} {k}" for m in args.rollout_weights for k in ("tok/s", "x fp32", "agree")],
+                    [[b] + [results[str(b)][f"engine_{m}_{k}"] for m in args.rollout_weights
+                            for k in ("tok_s", "vs_fp32", "agreement")] for b in sizes])
     b1 = results.get("1", {}).get("engine_tok_s")
     vllm = peers["vllm"]
     summary = {"model": eng.source, "device": dev.device_name(device), "dtype": str(dtype).split(".")[-1],
