@@ -165,6 +165,9 @@ def parse(argv):
     dev.add_device_args(ap)
     ap.add_argument("--tiny", action="store_true", help="a seconds-long run: dummy:tiny unless --model is given")
     ap.add_argument("--no-vllm", action="store_true", help="leave vLLM out even when it is importable")
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="leave llama.cpp out even when llama-cpp-python is importable (it runs at batch 1 on "
+                         "the model's GGUF: a float32 copy and the file as shipped)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--rollout-weights", default=None,
                     help="comma-separated engine rollout weights to time beside fp32 (engine.quant: fp16, int8; "
@@ -226,6 +229,35 @@ def measure(eng, peers, b: int, new_tokens: int, device, dtype, peak) -> tuple[d
     return res, row + [res.get("vllm_tok_s", "")], (e_ids, h_ids)
 
 
+def run_llama_cpp(args, eng, sizes, device, results) -> dict | str:
+    """llama.cpp at batch 1 on the batch-1 row's prompt, for the float32 copy of the model's
+    GGUF and the file as shipped: tok/s, the engine's ratio to it, GB/s and greedy agreement
+    with the engine's batch-1 tokens; or why it did not run (never fatal)."""
+    from bench import ggml_peer
+
+    src = ggml_peer.gguf_source(args.model)
+    why = ggml_peer.peer_state(src, sizes, device.type)
+    if why is not None:
+        return why
+    ids = eng.encode(chat_prompts(1)[0])
+    _, _, e_ids = run_engine(eng, chat_prompts(1), args.new_tokens, device)
+    out = {}
+    try:
+        for name, path in (("f32", ggml_peer.f32_gguf(src)), ("shipped", src)):
+            peer = ggml_peer.LlamaCpp(path, torch.get_num_threads())
+            peer.run(ids, 4)  # warm up once, as the engine and transformers are
+            dt, toks = peer.run(ids, args.new_tokens)
+            tps = args.new_tokens / dt
+            out[f"{name} ({path.name})"] = {
+                "tok_s": round(tps, 2), "engine_ratio": round(results["1"]["engine_tok_s"] / tps, 2),
+                "achieved_gbs": round(peer.weight_bytes * args.new_tokens / dt / 1e9, 2),
+                "agreement": round(greedy_agreement([toks], e_ids), 3)}
+            del peer
+    except Exception as exc:  # an optional peer: its failure is reported, not fatal
+        return f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
@@ -258,6 +290,8 @@ def main(argv=None) -> dict:
     for i in range(min(3, len(probe))):
         match &= batched[i] == run_hf(*peers["hf"], [probe[i]], args.new_tokens, device)[2][0]
 
+    llama = None if args.no_llama_cpp else run_llama_cpp(args, eng, sizes, device, results)
+
     fl = floors(eng, device, args.tiny)
     n_params = sum(p.numel() for p in eng.model.parameters())
     print(f"model {eng.source}  params {n_params / 1e6:.1f}M  {str(dtype).split('.')[-1]}  "
@@ -279,6 +313,11 @@ def main(argv=None) -> dict:
                "peak": peak, "vllm": "ran" if isinstance(vllm, VLLM) else (vllm or "not importable or not on CUDA"),
                **machine()}
     print(f"greedy token ids identical to transformers': {match}")
+    summary["llama_cpp"] = "left out (--no-llama-cpp)" if llama is None else llama
+    if isinstance(llama, dict):
+        print("llama.cpp, batch 1 (same prompt and length): tok/s, engine fp32 / llama.cpp, greedy agreement")
+        print_table(["file", "llama.cpp tok/s", "engine / llama.cpp", "GB/s", "agree"],
+                    [[k, v["tok_s"], v["engine_ratio"], v["achieved_gbs"], v["agreement"]] for k, v in llama.items()])
     tmp.cleanup()
     emit_json(summary)
     return summary
