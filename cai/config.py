@@ -22,6 +22,7 @@ from engine.errors import InputError
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROLLOUT_WEIGHTS = ("fp32", "fp16", "int8")  # engine.quant.MODES, without importing torch
 
 
 # ---------------------------------------------------------------- sources of settings
@@ -292,7 +293,7 @@ def add_model_flags(p: argparse.ArgumentParser, help_: str = "the shared base mo
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each decode step as a captured CUDA graph; --no-cuda-graphs "
                         "decodes eagerly (no effect on the CPU) (default: on)")
-    p.add_argument("--rollout-weights", choices=("fp32", "fp16", "int8"), default="fp32",
+    p.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS, default="fp32",
                    help="what generation reads on the CPU: fp32 (the weights), fp16 (fp16 copies of the "
                         "base's linears and head, half the bytes a decode step reads) or int8 (the head as "
                         "int8 too); scoring and training always read fp32 (default: fp32)")

@@ -65,7 +65,6 @@ def gt(lo):
 PROB = Range(0.0, 1.0)
 TOP_P = Range(0.0, 1.0, open_lo=True)
 STYLE = OneOf(("auto", "chat", "base"))
-ROLLOUT_WEIGHTS = ("fp32", "fp16", "int8")  # engine.quant.MODES (not imported: this module stays light)
 FORMAT = OneOf(("auto", "chat", "text"))
 COUNT, SIZE = ge(0), ge(1)
 FEWSHOT = ge(-1)  # -1: the style's default
@@ -79,7 +78,7 @@ _GENERATING = {"max_new_tokens": SIZE, "temperature": ge(0.0), "top_p": TOP_P, "
 
 
 def _table() -> dict[str, dict[str, Callable]]:
-    from cai.config import DTYPES
+    from cai.config import DTYPES, ROLLOUT_WEIGHTS
     from engine.lora import TARGETS
 
     return {

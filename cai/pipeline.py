@@ -139,7 +139,8 @@ class Pipeline:
         self.resolved = yaml.safe_dump(json.loads(json.dumps(asdict(self.cfg))), sort_keys=False)
         if not overwrite:
             self._check_config()
-        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs, rollout_weights=cfg.rollout_weights)
+        self.eng = engine or load_engine(cfg.model, cfg.device, cfg.dtype, cfg.cuda_graphs,
+                                         rollout_weights=cfg.rollout_weights)
         self.con = load_constitution(cfg.constitution)
         # only once the model and constitution loaded, so a typo loses nothing
         if overwrite and distributed.is_main():

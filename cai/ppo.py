@@ -380,7 +380,8 @@ class PPOTrainer:
             values = self.value_head(hidden.index_select(0, batch.target_rows))
         sampler_lp = old_lp.new_tensor([x for lp, n in zip(samples.logprobs, kept) for x in lp[:n]])
         iw = None
-        if getattr(self.eng, "rollout_weights", "fp32") != "fp32":  # the sampler read other weights
+        # the sampler read other weights (getattr: an engine-like object without the setting samples at fp32)
+        if getattr(self.eng, "rollout_weights", "fp32") != "fp32":
             iw = kernels.truncated_is_weights(old_lp, sampler_lp, self.cfg.tis_cap)[0]
         dev = self.model.device
         seq_of = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor(kept, device=dev))
@@ -478,7 +479,9 @@ class PPOTrainer:
                 "response_len": kept / n, "truncated": sum(s["truncated"] for s in seqs.values()),
                 "eos_penalty": sum(s["penalty"] for s in seqs.values()),
                 "sampler_lp_gap": max((s["gap"] for s in seqs.values()), default=0.0),
-                "tis_truncated": None if ro.is_weights is None else float((ro.is_weights >= self.cfg.tis_cap).float().mean()),
+                # share of this rank's kept tokens whose weight the cap bounded
+                "tis_truncated": (None if ro.is_weights is None
+                                  else float((ro.is_weights == self.cfg.tis_cap).float().mean())),
                 **train,
                 "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2, "iteration_s": t3 - t0,
                 "tokens_per_s": n_tokens * (1 + self.cfg.ppo_epochs) / (t3 - t0),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cai.config import ROLLOUT_WEIGHTS
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="the whole method: SL-CAI -> SFT -> labels -> PM -> PPO/DPO -> eval",
@@ -33,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", help="weight dtype: auto, float32, bfloat16 or float16 (same as --set dtype=...)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="decode eagerly on CUDA (same as --set cuda_graphs=false)")
-    p.add_argument("--rollout-weights", choices=("fp32", "fp16", "int8"),
+    p.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS,
                    help="what generation reads on the CPU (same as --set rollout_weights=...)")
     p.add_argument("--overwrite", action="store_true",
                    help="start the run folder over: remove what an earlier run with other settings wrote there")

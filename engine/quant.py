@@ -23,10 +23,10 @@ pairs in int16, which full 8-bit activations can overflow.
 LoRA adapters still run in float32 on top of the base product (``Linear.forward`` adds them
 after ``base``); the embedding, norms and attention stay float32. The stand-ins are
 installed on ``Linear.fast`` / ``Decoder.head_fast`` only for the duration of a generate
-call (``installed``), so scoring and training never see them. Each remembers the version
-counter of the weight it was built from and rebuilds itself when the weight has changed
-since (a full fine-tune's optimizer step, ``load_state_dict``), so generation after an
-update samples from the updated weights. Memory beside the weights: two bytes per base
+call (``installed``), so scoring and training never see them. Each reads its module's
+weight at every call and repacks when it is another tensor or has been written since (its
+version counter moved: a full fine-tune's optimizer step, ``load_state_dict``), so
+generation after an update samples from the updated weights. Memory beside the weights: two bytes per base
 parameter for fp16 (~270 MB for the 135M default model); the int8 head takes one byte per
 head parameter instead of two.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Callable
 
 import torch
 
@@ -63,57 +64,58 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Product:
-    """``x -> x W^T (+ b)`` with W as per-channel int8, rebuilt when ``W`` changes."""
+class _Product:
+    """``x -> x W^T (+ b)`` from a packed copy of ``source()``'s weight and bias, packed at the
+    first call and again whenever the weight is another tensor, other storage or has been
+    written in place since (its version counter moved)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
-        self._version = None
+    def __init__(self, source: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
+        self.source = source
+        self._key = None
         self._packed = None
 
-    def _build(self) -> None:
-        q, scale = quantize_rows(self.weight)
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None):
+        raise NotImplementedError
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.source()
+        key = (w.data_ptr(), w._version)
+        if self._key is None or self._key[0] is not w or self._key[1:] != key:
+            self._packed = self._pack(w.detach().float(), None if b is None else b.detach().float())
+            self._key = (w, *key)
+        shape = x.shape
+        y = self._apply(x.reshape(-1, shape[-1]).float().contiguous())
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+class Int8Product(_Product):
+    """W as int8 with one scale per output channel (``quantize_rows``), through fbgemm's dynamic
+    int8 GEMM; activations quantised per call to 7 bits (``reduce_range``)."""
+
+    def _pack(self, w, b):
+        q, scale = quantize_rows(w)
         zero = torch.zeros(q.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # the quantized tensor API warns that it is deprecated
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-            bias = None if self.bias is None else self.bias.detach().float()
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
-        self._version = self.weight._version
+            return torch.ops.quantized.linear_prepack(qw, b)
 
-    @property
-    def stale(self) -> bool:
-        return self._packed is None or self.weight._version != self._version
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stale:
-            self._build()
-        shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), self._packed, True)
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
-
-    def nbytes(self) -> int:
-        return self.weight.numel() + 4 * self.weight.shape[0]
+    def _apply(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
 
-class Fp16Product(Int8Product):
-    """``x -> x W^T (+ b)`` with W stored as float16 (fbgemm's weight-only fp16 GEMM:
-    activations and accumulation stay float32), rebuilt when ``W`` changes."""
+class Fp16Product(_Product):
+    """W stored as float16, through fbgemm's weight-only fp16 GEMM (activations and
+    accumulation stay float32)."""
 
-    def _build(self) -> None:
-        bias = None if self.bias is None else self.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.detach().float(), bias)
-        self._version = self.weight._version
+    def _pack(self, w, b):
+        return torch.ops.quantized.linear_prepack_fp16(w, b)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stale:
-            self._build()
-        shape = x.shape
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float().contiguous(), self._packed)
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
-
-    def nbytes(self) -> int:
-        return 2 * self.weight.numel()
+    def _apply(self, x):
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
 
 
 class RolloutWeights:
@@ -126,13 +128,8 @@ class RolloutWeights:
         if mode != "fp32":
             for m in model.modules():
                 if isinstance(m, Linear):
-                    self.linears[m] = Fp16Product(m.weight, m.bias)
-            self.head = (Int8Product if mode == "int8" else Fp16Product)(model.lm_head_weight)
-
-    def nbytes(self) -> int:
-        """Bytes the stand-ins hold beside the weights."""
-        parts = list(self.linears.values()) + ([self.head] if self.head is not None else [])
-        return sum(p.nbytes() for p in parts)
+                    self.linears[m] = Fp16Product(lambda m=m: (m.weight, m.bias))
+            self.head = (Int8Product if mode == "int8" else Fp16Product)(lambda: (model.lm_head_weight, None))
 
     @contextlib.contextmanager
     def installed(self):

@@ -17,7 +17,7 @@ def test_fp16_product_is_the_fp16_rounded_weight_in_float32():
     g = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(48, 32, generator=g), torch.randn(48, generator=g), torch.randn(5, 7, 32, generator=g)
     want = F.linear(x.double(), w.half().double(), b.double()).float()
-    got = Fp16Product(w, b)(x)
+    got = Fp16Product(lambda: (w, b))(x)
     assert got.shape == (5, 7, 48) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and it is not the float32 product (the rounding is real, so the check above can fail)
@@ -32,8 +32,15 @@ def test_int8_rows_and_product():
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()  # round to nearest
     x = torch.randn(6, 40, generator=g)
     exact = x @ w.t()
-    err = (Int8Product(w)(x) - exact).norm() / exact.norm()
+    err = (Int8Product(lambda: (w, None))(x) - exact).norm() / exact.norm()
     assert err < 0.03  # int8 weights and a per-call int8 activation scale: ~1% on gaussian inputs
+
+
+def test_the_cli_offers_the_engines_modes():
+    from cai.config import ROLLOUT_WEIGHTS
+    from engine.quant import MODES
+
+    assert ROLLOUT_WEIGHTS == MODES
 
 
 def test_unknown_mode_is_refused(tiny_engine):
